@@ -1,0 +1,122 @@
+"""The `pemma` command: argument parsing only; every subcommand calls the library.
+
+Library errors (`PemmaError`) are printed as one line on stderr with exit code 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from nnunetv2_pemma.errors import PemmaError
+
+
+def _phantom(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.data.phantom import write_phantom
+
+    summary = write_phantom(Path(args.out), cases_per_center=args.cases_per_center, size=args.size, seed=args.seed,
+                            test_cases_per_center=args.test_cases_per_center)
+    print(summary)
+
+
+def _convert_hecktor(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.data.hecktor import convert_hecktor
+
+    report = convert_hecktor(Path(args.input), dataset_id=args.dataset_id, name=args.name, centers=args.centers,
+                             modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
+                             edition=args.edition, skip_bad=args.skip_bad)
+    print(report)
+
+
+def _plans_add(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.plans_presets import add_preset
+
+    print(add_preset(args.dataset, args.preset, plans_identifier=args.plans))
+
+
+def _plans_transfer(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.plans_presets import transfer_plans
+
+    print(transfer_plans(args.source, args.target, args.preset, plans_identifier=args.plans,
+                         preprocess=not args.no_preprocess, num_processes=args.np))
+
+
+def _add_phantom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantom", help="write synthetic PET/CT cases in the HECKTOR 2022 layout",
+                       description="Synthetic head-and-neck PET/CT in the HECKTOR 2022 layout (CT in HU, PET in SUV "
+                                   "on its own grid, GTVp/GTVn labels, clinical and endpoint tables).")
+    p.add_argument("out", help="output folder (HECKTOR layout: imagesTr/, labelsTr/, CSV tables)")
+    p.add_argument("--cases-per-center", type=int, default=5, help="training cases for each of the 7 centres")
+    p.add_argument("--test-cases-per-center", type=int, default=0,
+                   help="unlabelled cases in imagesTs/ for each test centre (USZ, CHB, MDA)")
+    p.add_argument("--size", choices=("small", "demo"), default="small",
+                   help="small: ~48 voxels a side (tests); demo: larger")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_phantom)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert-hecktor", help="convert a HECKTOR 2022/2021 folder to an nnU-Net raw dataset",
+                       description="Validate every case, resample PET onto the CT grid (physical coordinates), "
+                                   "optionally crop the head and neck, and write $nnUNet_raw/DatasetNNN_NAME "
+                                   "atomically.")
+    p.add_argument("input", help="HECKTOR folder (2022: imagesTr/, labelsTr/; 2021: flat files + bbox CSV)")
+    p.add_argument("--dataset-id", type=int, required=True)
+    p.add_argument("--name", required=True, help="dataset name, e.g. HNC_CT")
+    p.add_argument("--centers", nargs="+", default=None, help="centres to keep (default: all)")
+    p.add_argument("--modalities", nargs="+", default=["CT", "PET"], choices=("CT", "PET"),
+                   help="channels to write, in this order")
+    p.add_argument("--crop", choices=("headneck", "none"), default="headneck")
+    p.add_argument("--crop-size-mm", nargs=3, type=float, default=(200.0, 200.0, 310.0), metavar=("X", "Y", "Z"),
+                   help="head-and-neck box size in mm (default 200 200 310)")
+    p.add_argument("--edition", type=int, choices=(2022, 2021), default=2022)
+    p.add_argument("--skip-bad", action="store_true", help="convert the valid cases and list the skipped ones")
+    p.set_defaults(func=_convert_hecktor)
+
+
+def _add_plans(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plans", help="add transformer configurations to nnU-Net plans")
+    psub = p.add_subparsers(dest="plans_command", required=True)
+    add = psub.add_parser("add", help="add a preset's configuration to DATASET's plans (inherits 3d_fullres)")
+    add.add_argument("dataset", help="dataset id or name")
+    add.add_argument("--preset", required=True, help="preset name in plans/ (paper, tiny) or a JSON file")
+    add.add_argument("--plans", default="nnUNetPlans", help="plans identifier")
+    add.set_defaults(func=_plans_add)
+    tr = psub.add_parser("transfer", help="give TARGET the SOURCE configuration (spacing, patch, CT statistics) "
+                                          "plus TARGET's own PET statistics, then preprocess TARGET")
+    tr.add_argument("source", help="dataset the base model was trained on")
+    tr.add_argument("target", help="dataset to adapt or update on")
+    tr.add_argument("--preset", required=True)
+    tr.add_argument("--plans", default="nnUNetPlans", help="plans identifier")
+    tr.add_argument("--np", type=int, default=1, help="preprocessing processes")
+    tr.add_argument("--no-preprocess", action="store_true", help="write the plans only")
+    tr.set_defaults(func=_plans_transfer)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_phantom, _add_convert, _add_plans)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pemma", description="Parameter-efficient multi-modal adaptation for "
+                                                               "nnU-Net v2 (PEMMA).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PemmaError as e:
+        print(f"pemma {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
