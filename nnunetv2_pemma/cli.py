@@ -34,7 +34,7 @@ def _convert_hecktor(args: argparse.Namespace) -> None:
 def _plans_add(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.plans_presets import add_preset
 
-    print(add_preset(args.dataset, args.preset, plans_identifier=args.plans))
+    print(add_preset(args.dataset, args.preset, plans_identifier=args.plans, num_processes=args.np))
 
 
 def _plans_transfer(args: argparse.Namespace) -> None:
@@ -84,6 +84,7 @@ def _add_plans(sub: argparse._SubParsersAction) -> None:
     add.add_argument("dataset", help="dataset id or name")
     add.add_argument("--preset", required=True, help="preset name in plans/ (paper, tiny) or a JSON file")
     add.add_argument("--plans", default="nnUNetPlans", help="plans identifier")
+    add.add_argument("--np", type=int, default=1, help="preprocessing processes (datasets with PET only)")
     add.set_defaults(func=_plans_add)
     tr = psub.add_parser("transfer", help="give TARGET the SOURCE configuration (spacing, patch, CT statistics) "
                                           "plus TARGET's own PET statistics, then preprocess TARGET")

@@ -1,0 +1,228 @@
+"""Plans presets: transformer configurations merged into nnU-Net plans.
+
+A preset (`plans/<name>.json`) holds the model, adaptation and schedule hyper-parameters. `add_preset` stores
+them in a new configuration of the dataset's plans, under the key "pemma", so trainers read them from the plans
+and `nnUNetv2_predict` rebuilds exactly the trained network from nnU-Net's own `plans.json`.
+
+PET normalisation (deliberate): nnU-Net z-scores every channel not named "CT" per image, which throws away
+absolute SUV (a lesion of SUV 12 in a hot patient would look like one of SUV 4 in a cold one). PEMMA
+configurations normalise PET globally instead, with nnU-Net's CTNormalization class fed a PET window:
+clip SUV to [0, foreground p99.5] and subtract/divide by the foreground mean/std of the dataset's fingerprint.
+Equal SUV therefore means equal network input across cases and centres.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nnunetv2_pemma.errors import PlansError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "plans"
+PEMMA_KEY = "pemma"
+PET_NORMALIZATION = "CTNormalization"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name_or_path: str) -> dict[str, Any]:
+    """A preset by name (`plans/<name>.json`) or by path, checked for what UNETR needs."""
+    path = Path(name_or_path)
+    if not path.suffix == ".json":
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise PlansError(f"unknown preset '{name_or_path}': no file {path}; available: {', '.join(preset_names())}")
+    preset = json.loads(path.read_text())
+    missing = {"configuration", "patch_size", "batch_size", "model", "adaptation", "schedule"} - preset.keys()
+    if missing:
+        raise PlansError(f"preset {path} lacks {sorted(missing)}")
+    bad = [s for s in preset["patch_size"] if s % 16]
+    if len(preset["patch_size"]) != 3 or bad:
+        raise PlansError(f"preset {path}: UNETR needs a 3-D patch size divisible by 16, got {preset['patch_size']}")
+    preset.setdefault("name", path.stem)
+    return preset
+
+
+def _preprocessed_dir(dataset: str | int) -> tuple[str, Path]:
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed.is_set():
+        raise PlansError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise PlansError(f"dataset {dataset}: {e}") from None
+    return name, Path(nnUNet_preprocessed.get()) / name
+
+
+def _raw_dir(dataset_name: str) -> Path:
+    from nnunetv2.paths import nnUNet_raw
+
+    if not nnUNet_raw.is_set():
+        raise PlansError("nnUNet_raw is not set")
+    return Path(nnUNet_raw.get()) / dataset_name
+
+
+def _load_plans(folder: Path, plans_identifier: str) -> dict[str, Any]:
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise PlansError(f"no plans at {plans_file}: run `nnUNetv2_plan_and_preprocess -d {folder.name} "
+                         f"-c 3d_fullres` first")
+    return json.loads(plans_file.read_text())
+
+
+def _save_json(obj: Any, path: Path) -> None:
+    """Write through a temporary file so a crash never leaves a truncated plans file behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def channel_modalities(dataset_json: dict[str, Any]) -> list[str]:
+    """Modality of each input channel, from dataset.json's channel names (CT, PET)."""
+    names = [dataset_json["channel_names"][k] for k in sorted(dataset_json["channel_names"], key=int)]
+    unknown = [n for n in names if n.upper() not in ("CT", "PET")]
+    if unknown:
+        raise PlansError(f"channel names {names}: PEMMA configurations need channels named CT and/or PET "
+                         f"(convert with `pemma convert-hecktor`)")
+    return [n.upper() for n in names]
+
+
+def pet_window(foreground_properties: dict[str, float]) -> dict[str, float]:
+    """CTNormalization properties for PET: clip SUV to [0, foreground p99.5], then foreground mean/std."""
+    window = dict(foreground_properties)
+    window["percentile_00_5"] = 0.0
+    return window
+
+
+def _set_channel_normalisation(configuration: dict[str, Any], schemes: list[str]) -> None:
+    configuration["normalization_schemes"] = schemes
+    configuration["use_mask_for_norm"] = [False] * len(schemes)
+
+
+def _pemma_block(preset: dict[str, Any], modalities: list[str]) -> dict[str, Any]:
+    return {"preset": preset["name"], "model": preset["model"], "adaptation": preset["adaptation"],
+            "schedule": preset["schedule"], "input_modalities": modalities}
+
+
+def _write_splits(dataset_name: str, preprocessed: Path) -> str:
+    from nnunetv2_pemma.data.splits import write_splits_to_preprocessed
+
+    written = write_splits_to_preprocessed(_raw_dir(dataset_name), preprocessed)
+    return "centre-stratified splits_final.json written" if written else "no centre-stratified splits (nnU-Net's own)"
+
+
+def _preprocess(dataset_name: str, plans_identifier: str, configuration: str, num_processes: int) -> None:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    preprocess_dataset(convert_dataset_name_to_id(dataset_name), plans_identifier, [configuration],
+                       [num_processes])
+
+
+def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nnUNetPlans",
+               num_processes: int = 1) -> str:
+    """Add the preset's configuration to the dataset's plans; returns a one-line summary.
+
+    CT-only data reuses 3d_fullres's preprocessed files (no re-preprocessing). Data with a PET channel needs its
+    own preprocessed copy because PET is normalised differently (module docstring); that is run here.
+    """
+    preset = load_preset(preset_name)
+    name, folder = _preprocessed_dir(dataset)
+    plans = _load_plans(folder, plans_identifier)
+    parent = preset.get("inherits_from", "3d_fullres")
+    if parent not in plans["configurations"]:
+        raise PlansError(f"{folder / plans_identifier}.json has no '{parent}' configuration to inherit from")
+    modalities = channel_modalities(json.loads((folder / "dataset.json").read_text()))
+    config_name = preset["configuration"]
+    configuration: dict[str, Any] = {"inherits_from": parent, "patch_size": preset["patch_size"],
+                                     "batch_size": preset["batch_size"],
+                                     PEMMA_KEY: _pemma_block(preset, modalities)}
+    needs_preprocessing = "PET" in modalities
+    if needs_preprocessing:
+        parent_schemes = plans["configurations"][parent]["normalization_schemes"]
+        _set_channel_normalisation(configuration, [PET_NORMALIZATION if m == "PET" else s
+                                                   for m, s in zip(modalities, parent_schemes)])
+        configuration["data_identifier"] = f"{plans_identifier}_{config_name}"
+        props = plans["foreground_intensity_properties_per_channel"]
+        for i, m in enumerate(modalities):
+            if m == "PET":
+                props[str(i)] = pet_window(props[str(i)])
+    plans["configurations"][config_name] = configuration
+    _save_json(plans, folder / f"{plans_identifier}.json")
+    splits = _write_splits(name, folder)
+    if needs_preprocessing:
+        _preprocess(name, plans_identifier, config_name, num_processes)
+    return (f"{name}: added configuration '{config_name}' (preset {preset['name']}, channels {modalities}) to "
+            f"{plans_identifier}.json; {splits}"
+            + ("; preprocessed with PET on a global SUV window" if needs_preprocessing else
+               f"; reuses the preprocessed data of {parent}"))
+
+
+def transfer_plans(source: str | int, target: str | int, preset_name: str, plans_identifier: str = "nnUNetPlans",
+                   preprocess: bool = True, num_processes: int = 1) -> str:
+    """Give TARGET the SOURCE configuration so an adapted model sees CT exactly as its base model did.
+
+    Spacing, patch size and CT normalisation statistics come from SOURCE; TARGET's own fingerprint supplies the
+    statistics of channels SOURCE lacks (PET). Then TARGET is preprocessed with those plans.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
+        move_plans_between_datasets
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    preset = load_preset(preset_name)
+    config_name = preset["configuration"]
+    source_name, source_folder = _preprocessed_dir(source)
+    target_name, target_folder = _preprocessed_dir(target)
+    source_plans = _load_plans(source_folder, plans_identifier)
+    if config_name not in source_plans["configurations"]:
+        raise PlansError(f"{source_name} has no '{config_name}' configuration: run "
+                         f"`pemma plans add {source_name} --preset {preset['name']}` (and train the base) first")
+    target_plans_file = target_folder / f"{plans_identifier}.json"
+    if target_plans_file.is_file() and not json.loads(target_plans_file.read_text()).get("pemma_transferred_from"):
+        raise PlansError(f"{target_plans_file} exists and was not written by `pemma plans transfer`; pass "
+                         f"--plans OTHER_NAME (and -p OTHER_NAME to nnUNetv2_train) to keep it")
+    raw_json = _raw_dir(target_name) / "dataset.json"
+    if not raw_json.is_file():
+        raise PlansError(f"{raw_json} not found: convert the target dataset first")
+    target_modalities = channel_modalities(json.loads(raw_json.read_text()))
+    source_modalities = channel_modalities(json.loads((source_folder / "dataset.json").read_text()))
+
+    fingerprint = extract_fingerprint_dataset(convert_dataset_name_to_id(target_name), num_processes=num_processes,
+                                              check_dataset_integrity=True, clean=True, verbose=False)
+    shutil.copy(raw_json, target_folder / "dataset.json")
+    move_plans_between_datasets(source_name, target_name, plans_identifier, plans_identifier)
+    plans = json.loads(target_plans_file.read_text())
+    plans["pemma_transferred_from"] = source_name
+
+    source_props = source_plans["foreground_intensity_properties_per_channel"]
+    target_props = fingerprint["foreground_intensity_properties_per_channel"]
+    props: dict[str, Any] = {}
+    for i, m in enumerate(target_modalities):
+        if m in source_modalities:
+            props[str(i)] = source_props[str(source_modalities.index(m))]
+        else:
+            props[str(i)] = pet_window(target_props[str(i)]) if m == "PET" else target_props[str(i)]
+    plans["foreground_intensity_properties_per_channel"] = props
+    for configuration in plans["configurations"].values():
+        if "normalization_schemes" in configuration:
+            source_schemes = configuration["normalization_schemes"]
+            _set_channel_normalisation(configuration, [
+                source_schemes[source_modalities.index(m)] if m in source_modalities else PET_NORMALIZATION
+                for m in target_modalities])
+    pemma_cfg = copy.deepcopy(plans["configurations"][config_name])
+    pemma_cfg[PEMMA_KEY]["input_modalities"] = target_modalities
+    plans["configurations"][config_name] = pemma_cfg
+    _save_json(plans, target_plans_file)
+    splits = _write_splits(target_name, target_folder)
+    if preprocess:
+        _preprocess(target_name, plans_identifier, config_name, num_processes)
+    return (f"{target_name}: '{config_name}' transferred from {source_name} (spacing, patch, CT statistics), "
+            f"channels {target_modalities}; {splits}" + ("; preprocessed" if preprocess else ""))

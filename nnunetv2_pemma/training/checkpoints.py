@@ -1,0 +1,92 @@
+"""Checks that a `-pretrained_weights` file fits the network a trainer is about to build.
+
+nnU-Net loads `-pretrained_weights` right after `trainer.initialize()` and only asserts on the first tensor key
+whose shape differs. PEMMA trainers check the file first and name every hyper-parameter that differs
+(patch size, hidden size, heads, input channels, adapters).
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnunetv2_pemma.errors import CheckpointError
+from nnunetv2_pemma.plans import PEMMA_KEY
+
+_COMPARED_MODEL_KEYS = ("hidden_size", "mlp_dim", "num_heads", "feature_size", "proj_type", "qkv_bias")
+
+
+def pretrained_weights_in_flight() -> str | None:
+    """The file nnU-Net's `-pretrained_weights` is about to load, when called from that code path.
+
+    nnU-Net does not hand the file to the trainer; it sits in the caller's frame
+    (`nnunetv2.run.run_training.maybe_load_checkpoint`). Returns None anywhere else.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "maybe_load_checkpoint" and "pretrained_weights_file" in frame.f_locals:
+            return frame.f_locals["pretrained_weights_file"]
+        frame = frame.f_back
+    return None
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated/foreign files
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise CheckpointError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
+    return checkpoint
+
+
+def _checkpoint_pemma_block(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    init_args = checkpoint.get("init_args") or {}
+    plans, configuration = init_args.get("plans"), init_args.get("configuration")
+    if not plans or configuration not in plans.get("configurations", {}):
+        return None
+    return plans["configurations"][configuration].get(PEMMA_KEY)
+
+
+def _checkpoint_patch_size(checkpoint: dict[str, Any]) -> list[int] | None:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    init_args = checkpoint["init_args"]
+    return list(PlansManager(init_args["plans"]).get_configuration(init_args["configuration"]).patch_size)
+
+
+def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, needs_adapters: bool
+                     ) -> None:
+    """Raise CheckpointError naming what differs between the file at `path` and the network to be built.
+
+    needs_adapters=False: the file must be a CT UNETR (the base of a PEMMA adaptation or an early-fusion model).
+    needs_adapters=True: the file must be a PEMMA model (PET embedding, PET skip, LoRA) for a continual update.
+    """
+    checkpoint = load_checkpoint_file(path)
+    trainer = checkpoint.get("trainer_name", "an unknown trainer")
+    theirs = _checkpoint_pemma_block(checkpoint)
+    if theirs is None:
+        raise CheckpointError(f"{path}: written by {trainer} with a configuration that is not a PEMMA UNETR "
+                              f"(no 'pemma' block in its plans); expected a UNETR trained with a PEMMA preset")
+    differences = [f"{k} {theirs['model'].get(k)} (checkpoint) vs {pemma['model'].get(k)} (this network)"
+                   for k in _COMPARED_MODEL_KEYS if theirs["model"].get(k) != pemma["model"].get(k)]
+    their_patch = _checkpoint_patch_size(checkpoint)
+    if their_patch != list(patch_size):
+        differences.append(f"patch size {their_patch} (checkpoint) vs {list(patch_size)} (this network)")
+    weights = checkpoint["network_weights"]
+    has_adapters = any("lora" in k for k in weights)
+    if needs_adapters and not has_adapters:
+        differences.append(f"no PEMMA adapters (LoRA, PET embedding): {trainer} wrote a plain UNETR; "
+                           f"train it with PEMMATrainer first")
+    if not needs_adapters:
+        if has_adapters:
+            differences.append(f"it already holds PEMMA adapters ({trainer}); a continual update uses "
+                               f"PEMMAContinualTrainer")
+        if theirs.get("input_modalities") != ["CT"]:
+            differences.append(f"input channels {theirs.get('input_modalities')} (checkpoint) vs ['CT'] "
+                               f"(the base must be a CT-only UNETR)")
+    if differences:
+        raise CheckpointError(f"{path} does not fit this network: " + "; ".join(differences))
