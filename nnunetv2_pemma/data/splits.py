@@ -1,0 +1,65 @@
+"""5-fold cross-validation splits stratified by HECKTOR centre.
+
+nnU-Net's default splits are a plain random KFold, which can leave a small centre out of some validation folds.
+Ours spread each centre's cases round-robin over the folds (after a seeded shuffle), so every centre with at least
+five cases is validated in every fold. They are stored next to the raw data as `pemma_splits.json` (nnU-Net's
+`splits_final.json` format) because nnU-Net only reads `nnUNet_preprocessed/DatasetXXX/splits_final.json`, which does
+not exist until the dataset is planned; `write_splits_to_preprocessed` copies them there.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping
+
+SPLITS_FILE = "pemma_splits.json"
+N_FOLDS = 5
+SEED = 12345  # the seed nnU-Net uses for its own random splits
+
+
+def make_center_splits(case_centers: Mapping[str, str], n_folds: int = N_FOLDS,
+                       seed: int = SEED) -> list[dict[str, list[str]]]:
+    """Folds as [{"train": [...], "val": [...]}]: every case is in exactly one val fold, centres spread evenly.
+
+    The fold counter carries on from one centre to the next, so fold sizes differ by at most one case overall.
+    """
+    by_center: dict[str, list[str]] = defaultdict(list)
+    for case, center in case_centers.items():
+        by_center[center].append(case)
+    rng = random.Random(seed)
+    val: list[list[str]] = [[] for _ in range(n_folds)]
+    fold = 0
+    for center in sorted(by_center):
+        cases = sorted(by_center[center])
+        rng.shuffle(cases)
+        for case in cases:
+            val[fold].append(case)
+            fold = (fold + 1) % n_folds
+    every = sorted(case_centers)
+    return [{"train": [c for c in every if c not in set(v)], "val": sorted(v)} for v in val]
+
+
+def write_splits_to_preprocessed(raw_dataset_dir: Path, preprocessed_dataset_dir: Path) -> Path | None:
+    """Copy the raw dataset's centre-stratified splits to `splits_final.json`, where nnU-Net training reads them.
+
+    Returns the written path, or None when the dataset has no splits file (fewer than five training cases: nnU-Net
+    then makes its own).
+    """
+    source = Path(raw_dataset_dir) / SPLITS_FILE
+    if not source.is_file():
+        return None
+    target = Path(preprocessed_dataset_dir) / "splits_final.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def save_splits(splits: list[dict[str, list[str]]], dataset_dir: Path) -> Path:
+    """Write splits in nnU-Net's splits_final.json format."""
+    path = Path(dataset_dir) / SPLITS_FILE
+    path.write_text(json.dumps(splits, indent=2))
+    return path
