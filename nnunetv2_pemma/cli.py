@@ -44,6 +44,22 @@ def _plans_transfer(args: argparse.Namespace) -> None:
                          preprocess=not args.no_preprocess, num_processes=args.np))
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.inference import predict
+
+    folds = [f if f == "all" else int(f) for f in args.f]
+    written = predict(Path(args.i), Path(args.o), args.d, args.c, args.tr, folds, modalities=args.modalities,
+                      plans_identifier=args.p, checkpoint_name=args.chk, device=args.device,
+                      tta=not args.disable_tta, crop_records=Path(args.crop_records) if args.crop_records else None)
+    print(f"{len(written)} predictions in {args.o}")
+
+
+def _merge_adapter(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.adaptation.adapter import merge_adapter
+
+    print(merge_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
+
+
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic PET/CT cases in the HECKTOR 2022 layout",
                        description="Synthetic head-and-neck PET/CT in the HECKTOR 2022 layout (CT in HU, PET in SUV "
@@ -97,7 +113,39 @@ def _add_plans(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_plans_transfer)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_phantom, _add_convert, _add_plans)
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="nnUNetv2_predict with a choice of input modalities and crop restoration",
+                       description="Predict with a trained model. --modalities says which modalities the input "
+                                   "files hold (file _0000 is the first); a PEMMA model takes any subset of CT, "
+                                   "PET. --crop-records puts masks back into the original CT grid.")
+    p.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("-d", required=True, help="dataset the model was trained on (id or name)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_unetr")
+    p.add_argument("-tr", required=True, help="trainer, e.g. PEMMATrainer")
+    p.add_argument("-f", nargs="+", default=["0"], help="folds")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
+    p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
+                   help="modalities of the input channels in order, e.g. PET or CT PET (default: as trained)")
+    p.add_argument("--crop-records", default=None,
+                   help="pemma_crops.json (or the converted raw dataset folder holding it) of the input cases")
+    p.set_defaults(func=_predict)
+
+
+def _add_merge_adapter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge-adapter", help="CT checkpoint + adapter (safetensors) -> full nnU-Net model folder")
+    p.add_argument("--base", required=True, help="checkpoint_final.pth of the CT UNETR")
+    p.add_argument("--adapter", required=True, help="adapter_final.safetensors written next to a PEMMA checkpoint")
+    p.add_argument("--out", required=True, help="model folder to write (plans.json, dataset.json, fold_F/)")
+    p.add_argument("--fold", default=0, type=lambda f: f if f == "all" else int(f))
+    p.set_defaults(func=_merge_adapter)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_phantom, _add_convert, _add_plans, _add_predict,
+                                                                     _add_merge_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,12 +5,15 @@ One small subclass per behaviour; networks, freezing and checks live in `nnunetv
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_pemma.adaptation.adapter import ADAPTER_FILE, save_adapter
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks import freeze_for_adaptation, freeze_for_continual
 from nnunetv2_pemma.training.checkpoints import check_compatible, pretrained_weights_in_flight
@@ -133,6 +136,14 @@ class PEMMATrainer(UNETRTrainer):
         if not self._adapted:
             self._adapt()  # a resumed or validated checkpoint holds the adapted network
         super().load_checkpoint(filename_or_checkpoint)
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            save_adapter(_unwrap(self.network).state_dict(), Path(self.output_folder) / ADAPTER_FILE,
+                         trainer_name=type(self).__name__, configuration=self.configuration_name,
+                         plans=self.plans_manager.plans, dataset_json=self.dataset_json,
+                         mirroring_axes=self.inference_allowed_mirroring_axes)
 
 
 class PEMMAContinualTrainer(PEMMATrainer):

@@ -40,7 +40,7 @@ def make_center_splits(case_centers: Mapping[str, str], n_folds: int = N_FOLDS,
             val[fold].append(case)
             fold = (fold + 1) % n_folds
     every = sorted(case_centers)
-    return [{"train": [c for c in every if c not in set(v)], "val": sorted(v)} for v in val]
+    return [{"train": sorted(set(every) - set(v)), "val": sorted(v)} for v in val]
 
 
 def write_splits_to_preprocessed(raw_dataset_dir: Path, preprocessed_dataset_dir: Path) -> Path | None:

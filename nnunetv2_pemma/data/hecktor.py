@@ -1,0 +1,337 @@
+"""HECKTOR 2022 / 2021 -> nnU-Net v2 raw dataset (`pemma convert-hecktor`).
+
+Input layouts
+  2022: imagesTr/CHUM-001__CT.nii.gz, imagesTr/CHUM-001__PT.nii.gz, labelsTr/CHUM-001.nii.gz (or CHUM_001.nii.gz;
+        labels 0 background, 1 GTVp, 2 GTVn), optional imagesTs/ (no labels). Centre = case-id prefix.
+  2021: one flat folder of <ID>_ct.nii.gz, <ID>_pt.nii.gz, <ID>_gtvt.nii.gz (GTVp = 1) with
+        hecktor2021_bbox_*.csv (PatientID,x1,x2,y1,y2,z1,z2, physical mm) giving the head-and-neck box.
+
+Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr (uint8),
+imagesTs when present, dataset.json (nnU-Net's own generator, plus a "pemma" block), pemma_crops.json (crop
+records, see `geometry`) and pemma_splits.json (centre-stratified folds, see `splits`).
+
+The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
+PET is resampled onto the (cropped) CT grid through physical coordinates and stays in SUV on purpose: the PET
+normalisation (a global SUV window) is decided in the plans, not by nnU-Net's per-image z-score, and SUV is what
+makes PET comparable across centres.
+
+Every selected case is validated before anything is written; the dataset is written into a hidden temporary
+folder inside nnUNet_raw and renamed at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import SimpleITK as sitk
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+from tqdm import tqdm
+
+from nnunetv2_pemma.data.centers import KNOWN_CENTERS, LABELS_2021, LABELS_2022, center_of
+from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, resample_pet_to
+from nnunetv2_pemma.data.splits import N_FOLDS, make_center_splits, save_splits
+from nnunetv2_pemma.data.validation import CaseFiles, check_case
+from nnunetv2_pemma.errors import InputDataError
+
+_NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$", re.IGNORECASE)
+_IMAGE_2022 = re.compile(r"^(?P<id>.+)__(?P<mod>CT|PT)\.nii(?:\.gz)?$", re.IGNORECASE)
+_FILE_2021 = re.compile(r"^(?P<id>.+)_(?P<kind>ct|pt|gtvt)\.nii(?:\.gz)?$", re.IGNORECASE)
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_BBOX_COLUMNS = ("PatientID", "x1", "x2", "y1", "y2", "z1", "z2")
+_CHANNEL = {"CT": "CT", "PET": "PT"}  # modality name -> HECKTOR file tag
+
+
+@dataclass
+class ConversionReport:
+    """What `convert_hecktor` wrote; printed by the CLI."""
+
+    dataset_dir: Path
+    channels: list[str]
+    training_cases: list[str]
+    test_cases: list[str]
+    center_counts: dict[str, int]  # training and test cases per centre
+    crop: str
+    splits_file: Path | None
+    skipped: dict[str, str]
+    ignored_files: list[str]
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.dataset_dir}",
+                 f"  channels: {', '.join(f'{i}={m}' for i, m in enumerate(self.channels))}; crop: {self.crop}",
+                 f"  cases: {len(self.training_cases)} training, {len(self.test_cases)} test; by centre: "
+                 + ", ".join(f"{c} {n}" for c, n in sorted(self.center_counts.items()))]
+        if self.splits_file is not None:
+            lines.append(f"  splits: {N_FOLDS} folds stratified by centre in {self.splits_file.name} "
+                         f"(`pemma plans add` copies them to splits_final.json)")
+        else:
+            lines.append(f"  splits: none (fewer than {N_FOLDS} training cases; nnU-Net will make its own)")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} bad case(s):")
+            lines += [f"    {case}: {reason}" for case, reason in sorted(self.skipped.items())]
+        if self.ignored_files:
+            lines.append(f"  ignored {len(self.ignored_files)} file(s) with unexpected names: "
+                         + ", ".join(self.ignored_files))
+        return "\n".join(lines)
+
+
+def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequence[str] | None = None,
+                    modalities: Sequence[str] = ("CT", "PET"), crop: str = "headneck",
+                    crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0), edition: int = 2022,
+                    skip_bad: bool = False, raw_root: Path | None = None) -> ConversionReport:
+    """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing)."""
+    input_dir = Path(input_dir)
+    modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
+    raw_root = _raw_root(raw_root)
+    final_dir = raw_root / f"Dataset{dataset_id:03d}_{name}"
+    _check_target(raw_root, final_dir, dataset_id)
+    if not input_dir.is_dir():
+        raise InputDataError(f"input folder {input_dir} does not exist")
+    if edition == 2022:
+        cases, ignored = discover_2022(input_dir)
+    else:
+        cases, ignored = discover_2021(input_dir, with_bbox=crop == "headneck")
+    cases = _select_centers(cases, centers, input_dir)
+
+    labels = LABELS_2022 if edition == 2022 else LABELS_2021
+    checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
+              for case in tqdm(cases, desc="checking cases", unit="case")}
+    bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
+    if bad and not skip_bad:
+        raise InputDataError(f"{len(bad)} of {len(cases)} case(s) in {input_dir} are bad, nothing was written "
+                             f"(--skip-bad converts the rest): " + "; ".join(f"{c}: {r}" for c, r in bad.items()))
+    good = [case for case in cases if case.case_id not in bad]
+    if not any(case.split == "train" for case in good):
+        raise InputDataError(f"no valid training case left in {input_dir} after skipping the bad ones: "
+                             + "; ".join(f"{c}: {r}" for c, r in bad.items()))
+
+    pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop,
+                   "crop_size_mm": list(crop_size_mm) if crop == "headneck" and edition == 2022 else None,
+                   "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
+                   "source": str(input_dir), "skipped": bad}
+    records = {case.case_id: checks[case.case_id].record for case in good}
+    tmp_dir = raw_root / f".{final_dir.name}.tmp-{os.getpid()}"
+    try:
+        splits_file = _write_dataset(tmp_dir, good, records, modalities, labels, pemma_block, final_dir.name)
+        if final_dir.exists():
+            raise InputDataError(f"output folder {final_dir} appeared while converting; nothing was written")
+        tmp_dir.rename(final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return ConversionReport(final_dir, list(modalities), [c.case_id for c in good if c.split == "train"],
+                            [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
+                            _describe_crop(crop, crop_size_mm, edition),
+                            final_dir / splits_file.name if splits_file else None, bad, ignored)
+
+
+def canonical_id(raw_id: str) -> str:
+    """HECKTOR 2022 ids are CENTRE-NNN; some releases spell them CENTRE_NNN."""
+    return raw_id.replace("_", "-", 1) if "-" not in raw_id else raw_id
+
+
+def discover_2022(root: Path) -> tuple[list[CaseFiles], list[str]]:
+    """Cases of a HECKTOR 2022 folder, and the NIfTI files whose names fit no case."""
+    if not (root / "imagesTr").is_dir():
+        hint = " (it looks like HECKTOR 2021: use --edition 2021)" if any(root.glob("*_ct.nii*")) else ""
+        raise InputDataError(f"no imagesTr/ folder in {root}: not a HECKTOR 2022 folder{hint}")
+    found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    ignored: list[str] = []
+    for folder, split in (("imagesTr", "train"), ("imagesTs", "test"), ("labelsTr", "train")):
+        for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
+            match = (_NIFTI if folder == "labelsTr" else _IMAGE_2022).match(path.name)
+            if match is None:
+                if _NIFTI.match(path.name):
+                    ignored.append(f"{folder}/{path.name}")
+                continue
+            case_id = canonical_id(match["stem"] if folder == "labelsTr" else match["id"])
+            kind = "label" if folder == "labelsTr" else match["mod"].upper()
+            found[case_id][kind].append(path)
+            found[case_id][split].append(path)
+    cases = []
+    for case_id, files in sorted(found.items()):
+        split = "test" if files["test"] else "train"
+        images = root / ("imagesTs" if split == "test" else "imagesTr")
+        problems = _duplicates(files, ("CT", "PT", "label"))
+        if files["test"] and files["train"]:
+            problems.append("has files in imagesTs/ and in imagesTr/ or labelsTr/: "
+                            + ", ".join(f"{p.parent.name}/{p.name}" for p in files["train"] + files["test"]))
+        cases.append(CaseFiles(
+            case_id, split, root,
+            ct=(files["CT"] or [images / f"{case_id}__CT.nii.gz"])[0],
+            pet=(files["PT"] or [images / f"{case_id}__PT.nii.gz"])[0],
+            label=(files["label"] or [root / "labelsTr" / f"{case_id}.nii.gz"])[0] if split == "train" else None,
+            problems=tuple(_center_problem(case_id) + problems)))
+    return cases, ignored
+
+
+def discover_2021(root: Path, with_bbox: bool) -> tuple[list[CaseFiles], list[str]]:
+    """Cases of a flat HECKTOR 2021 folder; with_bbox: attach each case's box from hecktor2021_bbox_*.csv."""
+    found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    ignored: list[str] = []
+    for path in sorted(root.glob("*")):
+        match = _FILE_2021.match(path.name)
+        if match is None:
+            if _NIFTI.match(path.name):
+                ignored.append(path.name)
+            continue
+        found[match["id"]][match["kind"].lower()].append(path)
+    boxes = _read_bboxes(root) if with_bbox else {}
+    csv_names = ", ".join(sorted(p.name for p in root.glob("hecktor2021_bbox_*.csv")))
+    cases = []
+    for case_id, files in sorted(found.items()):
+        problems = _center_problem(case_id) + _duplicates(files, ("ct", "pt", "gtvt"))
+        box = boxes.get(case_id)
+        if with_bbox and box is None:
+            problems.append(f"no bounding box for {case_id} in {csv_names}")
+        elif isinstance(box, str):
+            problems.append(box)
+        cases.append(CaseFiles(
+            case_id, "train", root,
+            ct=(files["ct"] or [root / f"{case_id}_ct.nii.gz"])[0],
+            pet=(files["pt"] or [root / f"{case_id}_pt.nii.gz"])[0],
+            label=(files["gtvt"] or [root / f"{case_id}_gtvt.nii.gz"])[0],
+            bbox_mm=box if isinstance(box, tuple) else None, problems=tuple(problems)))
+    return cases, ignored
+
+
+def _read_bboxes(root: Path) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]] | str]:
+    """PatientID -> (lo, hi) physical mm, or a problem string when two CSV rows disagree."""
+    csv_files = sorted(root.glob("hecktor2021_bbox_*.csv"))
+    if not csv_files:
+        raise InputDataError(f"no hecktor2021_bbox_*.csv in {root}: HECKTOR 2021 takes the head-and-neck box from "
+                             f"it (or use --crop none)")
+    boxes: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | str] = {}
+    for csv_file in csv_files:
+        with csv_file.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in _BBOX_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise InputDataError(f"{csv_file} lacks column(s) {', '.join(missing)} "
+                                     f"(expected {','.join(_BBOX_COLUMNS)})")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    x1, x2, y1, y2, z1, z2 = (float(row[c]) for c in _BBOX_COLUMNS[1:])
+                except (TypeError, ValueError):
+                    raise InputDataError(f"{csv_file} line {line}: bounding box values are not numbers") from None
+                box = ((min(x1, x2), min(y1, y2), min(z1, z2)), (max(x1, x2), max(y1, y2), max(z1, z2)))
+                case_id = row["PatientID"].strip()
+                if boxes.get(case_id, box) != box:
+                    box = f"two different bounding boxes for {case_id} in {', '.join(p.name for p in csv_files)}"
+                boxes[case_id] = box
+    return boxes
+
+
+def _duplicates(files: dict[str, list[Path]], kinds: Sequence[str]) -> list[str]:
+    return [f"{len(files[k])} files map to this case id: " + ", ".join(f"{p.parent.name}/{p.name}" for p in files[k])
+            for k in kinds if len(files[k]) > 1]
+
+
+def _center_problem(case_id: str) -> list[str]:
+    center = center_of(case_id)
+    if center in KNOWN_CENTERS:
+        return []
+    return [f"unknown centre '{center}' (the case-id prefix; known: {', '.join(sorted(KNOWN_CENTERS))})"]
+
+
+def _select_centers(cases: list[CaseFiles], centers: Sequence[str] | None, root: Path) -> list[CaseFiles]:
+    if not cases:
+        raise InputDataError(f"no HECKTOR cases found in {root}")
+    if centers is None:
+        return cases
+    unknown = sorted(set(centers) - KNOWN_CENTERS)
+    if unknown:
+        raise InputDataError(f"unknown centre(s) {', '.join(unknown)} in --centers "
+                             f"(known: {', '.join(sorted(KNOWN_CENTERS))})")
+    present = {case.center for case in cases}
+    empty = [c for c in centers if c not in present]
+    if empty:
+        raise InputDataError(f"no cases of centre(s) {', '.join(empty)} in {root} "
+                             f"(found: {', '.join(sorted(present))})")
+    return [case for case in cases if case.center in centers]
+
+
+def _check_options(modalities: Sequence[str], crop: str, crop_size_mm: Sequence[float], edition: int,
+                   dataset_id: int, name: str) -> list[str]:
+    modalities = list(modalities)
+    if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(_CHANNEL):
+        raise InputDataError(f"modalities must be CT and/or PET, each once, got {modalities}")
+    if crop not in ("headneck", "none"):
+        raise InputDataError(f"crop must be 'headneck' or 'none', got {crop!r}")
+    if len(crop_size_mm) != 3 or min(crop_size_mm) <= 0:
+        raise InputDataError(f"crop size must be three positive lengths in mm, got {list(crop_size_mm)}")
+    if edition not in (2021, 2022):
+        raise InputDataError(f"edition must be 2022 or 2021, got {edition}")
+    if not 1 <= dataset_id <= 999:
+        raise InputDataError(f"dataset id must be between 1 and 999 (nnU-Net uses three digits), got {dataset_id}")
+    if not _DATASET_NAME.match(name):
+        raise InputDataError(f"dataset name {name!r} must be letters, digits, '_', '-' or '.'")
+    return modalities
+
+
+def _raw_root(raw_root: Path | None) -> Path:
+    if raw_root is None:
+        if not os.environ.get("nnUNet_raw"):
+            raise InputDataError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (or pass raw_root)")
+        raw_root = Path(os.environ["nnUNet_raw"])
+    if raw_root.exists() and not raw_root.is_dir():
+        raise InputDataError(f"nnUNet_raw {raw_root} is not a folder")
+    return raw_root
+
+
+def _check_target(raw_root: Path, final_dir: Path, dataset_id: int) -> None:
+    """Refuse to overwrite, and refuse an id that nnU-Net would find twice."""
+    if final_dir.exists():
+        raise InputDataError(f"output folder {final_dir} already exists; remove it or choose another "
+                             f"--dataset-id/--name")
+    others = sorted(p.name for p in raw_root.glob(f"Dataset{dataset_id:03d}_*")) if raw_root.is_dir() else []
+    if others:
+        raise InputDataError(f"dataset id {dataset_id} is already used by {', '.join(others)} in {raw_root}; "
+                             f"nnU-Net needs ids to be unique")
+
+
+def _write_dataset(out_dir: Path, cases: list[CaseFiles], records: dict[str, dict], modalities: list[str],
+                   labels: dict[str, int], pemma_block: dict, dataset_name: str) -> Path | None:
+    """Write images, labels, dataset.json, crop records and splits of already validated cases."""
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if any(c.split == "test" for c in cases) else ()):
+        (out_dir / sub).mkdir(parents=True)
+    for case in tqdm(cases, desc="writing cases", unit="case"):
+        _write_case(out_dir, case, records[case.case_id], modalities)
+    train = {case.case_id: case.center for case in cases if case.split == "train"}
+    generate_dataset_json(str(out_dir), channel_names={i: m for i, m in enumerate(modalities)}, labels=dict(labels),
+                          num_training_cases=len(train), file_ending=".nii.gz", dataset_name=dataset_name,
+                          reference="https://hecktor.grand-challenge.org/",
+                          license="HECKTOR challenge data terms of use",
+                          description="HECKTOR head-and-neck PET/CT converted by nnunetv2-pemma convert-hecktor",
+                          converted_by="nnunetv2-pemma", pemma=pemma_block)
+    (out_dir / CROPS_FILE).write_text(json.dumps(records, indent=1))
+    if len(train) < N_FOLDS:
+        return None
+    return save_splits(make_center_splits(train), out_dir)
+
+
+def _write_case(out_dir: Path, case: CaseFiles, record: dict, modalities: list[str]) -> None:
+    images = out_dir / ("imagesTr" if case.split == "train" else "imagesTs")
+    ct = crop(sitk.ReadImage(str(case.ct)), record)
+    for channel, modality in enumerate(modalities):
+        image = ct if modality == "CT" else resample_pet_to(sitk.ReadImage(str(case.pet)), ct)
+        sitk.WriteImage(image, str(images / f"{case.case_id}_{channel:04d}.nii.gz"), useCompression=True)
+    if case.label is not None:
+        label = sitk.Cast(crop(sitk.ReadImage(str(case.label)), record), sitk.sitkUInt8)
+        label.CopyInformation(ct)  # equal within header rounding (checked); one grid for every file of the case
+        sitk.WriteImage(label, str(out_dir / "labelsTr" / f"{case.case_id}.nii.gz"), useCompression=True)
+
+
+def _describe_crop(crop: str, crop_size_mm: Sequence[float], edition: int) -> str:
+    if crop == "none":
+        return "none (whole CT)"
+    if edition == 2021:
+        return "headneck (hecktor2021_bbox_*.csv)"
+    return "headneck " + "x".join(f"{v:g}" for v in crop_size_mm) + " mm"
