@@ -331,9 +331,9 @@ def _centered_grid(center: np.ndarray, spacing: tuple[float, ...], size: tuple[i
 # field of view from its inferior end. +y is posterior.
 BODY = (0.0, 2.0, 21.0, 18.0)  # centre x, y and semi-axes of the neck
 FAT_THICKNESS = 2.0
-AIRWAY = (0.0, -5.0, 3.0, 2.5)
+AIRWAY = (0.0, -5.0, 4.0, 3.0)
 AIRWAY_TOP = 0.8  # the airway runs from the inferior end up to this fraction of the field of view
-CONSTRICTOR = (5.5, 5.0)  # pharyngeal muscle around the airway: outer semi-axes
+CONSTRICTOR = (6.5, 5.5)  # pharyngeal muscle around the airway: outer semi-axes
 STERNOCLEIDOMASTOID = (14.0, -4.0, 3.0, 2.5)  # +/- x
 VERTEBRA = (0.0, 5.0, 4.5, 1.2)  # centre, radius, cortical rim
 DISC_PERIOD, DISC_HEIGHT = 8.0, 2.0
@@ -353,9 +353,9 @@ def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: 
     gtvp = _draw_gtvp(airway, z_lo + rng.uniform(*GTVP_Z) * length, size, rng)
     nodes = _draw_nodes(gtvp, axis_x, axis_y, z_lo, length, size, rng)
     tonsil_z, tonsil_radii = z_lo + 0.68 * length, np.array([2.5, 3.0, 4.0]) * s * rng.uniform(0.9, 1.15)
-    tonsils = tuple(Ellipsoid((airway[0] + side * 6.0 * s, airway[1], tonsil_z), tuple(tonsil_radii))
+    tonsils = tuple(Ellipsoid((airway[0] + side * 7.0 * s, airway[1], tonsil_z), tuple(tonsil_radii))
                     for side in (-1, 1))
-    cords = tuple(Ellipsoid((airway[0] + side * 1.6 * s, airway[1], z_lo + 0.2 * length),
+    cords = tuple(Ellipsoid((airway[0] + side * 2.2 * s, airway[1], z_lo + 0.2 * length),
                             (1.4 * s, 2.2 * s, 2.0 * s)) for side in (-1, 1))
     return Anatomy(
         axis_x=axis_x, axis_y=axis_y, z_lo=z_lo, z_hi=z_hi, scale=s,
@@ -373,7 +373,7 @@ def _draw_gtvp(airway: np.ndarray, z: float, size: PhantomSize, rng: np.random.G
     with one to three satellites."""
     radius = rng.uniform(*size.gtvp_radius_mm)
     angle = rng.uniform(-math.pi, 0.0)  # -y is anterior: never towards the spine
-    distance = AIRWAY[2] * size.anatomy_scale + 0.3 * radius
+    distance = AIRWAY[2] * size.anatomy_scale + 0.5 * radius
     center = np.array([*(airway + distance * np.array([math.cos(angle), math.sin(angle)])), z])
     parts = [Ellipsoid(tuple(center), tuple(radius * rng.uniform(0.75, 1.25, 3)))]
     for _ in range(rng.integers(1, 4)):
