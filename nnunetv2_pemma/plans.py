@@ -111,6 +111,21 @@ def _pemma_block(preset: dict[str, Any], modalities: list[str]) -> dict[str, Any
             "schedule": preset["schedule"], "input_modalities": modalities}
 
 
+def modality_normalization(plans: dict[str, Any], configuration: str, modalities: list[str]
+                           ) -> dict[str, dict[str, Any]]:
+    """Per modality, the normalisation scheme and statistics its channel gets in `configuration`.
+
+    Stored in the "pemma" block so a model can later be fed a modality its last training dataset lacked
+    (P or CP inference after a CT-only continual update) with the statistics it was adapted with.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    resolved = PlansManager(plans).get_configuration(configuration).configuration
+    props = plans["foreground_intensity_properties_per_channel"]
+    return {m: {"scheme": resolved["normalization_schemes"][i], "properties": props[str(i)]}
+            for i, m in enumerate(modalities)}
+
+
 def _write_splits(dataset_name: str, preprocessed: Path) -> str:
     from nnunetv2_pemma.data.splits import write_splits_to_preprocessed
 
@@ -155,6 +170,7 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
             if m == "PET":
                 props[str(i)] = pet_window(props[str(i)])
     plans["configurations"][config_name] = configuration
+    configuration[PEMMA_KEY]["modality_normalization"] = modality_normalization(plans, config_name, modalities)
     _save_json(plans, folder / f"{plans_identifier}.json")
     splits = _write_splits(name, folder)
     if needs_preprocessing:
@@ -220,6 +236,7 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
     pemma_cfg = copy.deepcopy(plans["configurations"][config_name])
     pemma_cfg[PEMMA_KEY]["input_modalities"] = target_modalities
     plans["configurations"][config_name] = pemma_cfg
+    pemma_cfg[PEMMA_KEY]["modality_normalization"] = modality_normalization(plans, config_name, target_modalities)
     _save_json(plans, target_plans_file)
     splits = _write_splits(target_name, target_folder)
     if preprocess:

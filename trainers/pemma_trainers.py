@@ -16,7 +16,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_pemma.adaptation.adapter import ADAPTER_FILE, save_adapter
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks import freeze_for_adaptation, freeze_for_continual
-from nnunetv2_pemma.training.checkpoints import check_compatible, pretrained_weights_in_flight
+from nnunetv2_pemma.plans import PEMMA_KEY
+from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
+                                                 pretrained_weights_in_flight)
 from nnunetv2_pemma.training.config import epochs_from_schedule, pemma_config
 from nnunetv2_pemma.training.networks import build_pemma_unetr, build_plain_unetr
 from nnunetv2_pemma.training.optim import build_optimizer
@@ -92,8 +94,12 @@ class PEMMATrainer(UNETRTrainer):
     def initialize(self):
         pretrained = pretrained_weights_in_flight()
         if pretrained is not None:
-            check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size,
-                             needs_adapters=not self.starts_from_ct_base)
+            theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size,
+                                      needs_adapters=not self.starts_from_ct_base)
+            merged = inherit_modality_normalization(self.pemma, theirs)
+            self.pemma["modality_normalization"] = merged
+            self.plans_manager.plans["configurations"][self.configuration_name][PEMMA_KEY][
+                "modality_normalization"] = merged
         super().initialize()
         _unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
 

@@ -59,8 +59,8 @@ def _checkpoint_patch_size(checkpoint: dict[str, Any]) -> list[int] | None:
 
 
 def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, needs_adapters: bool
-                     ) -> None:
-    """Raise CheckpointError naming what differs between the file at `path` and the network to be built.
+                     ) -> dict[str, Any]:
+    """The checkpoint's "pemma" block; CheckpointError naming what differs from the network to be built.
 
     needs_adapters=False: the file must be a CT UNETR (the base of a PEMMA adaptation or an early-fusion model).
     needs_adapters=True: the file must be a PEMMA model (PET embedding, PET skip, LoRA) for a continual update.
@@ -90,3 +90,10 @@ def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[i
                                f"(the base must be a CT-only UNETR)")
     if differences:
         raise CheckpointError(f"{path} does not fit this network: " + "; ".join(differences))
+    return theirs
+
+
+def inherit_modality_normalization(own: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Normalisation per modality: this dataset's own, plus the checkpoint's for modalities it lacks (PET after
+    a CT-only update), so the updated model still takes every modality it was adapted to."""
+    return {**theirs.get("modality_normalization", {}), **own.get("modality_normalization", {})}
