@@ -60,6 +60,12 @@ def _merge_adapter(args: argparse.Namespace) -> None:
     print(merge_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.demo import run_demo
+
+    print(run_demo(Path(args.out), cases_per_center=args.cases_per_center, size=args.size, device=args.device))
+
+
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("phantom", help="write synthetic PET/CT cases in the HECKTOR 2022 layout",
                        description="Synthetic head-and-neck PET/CT in the HECKTOR 2022 layout (CT in HU, PET in SUV "
@@ -144,8 +150,19 @@ def _add_merge_adapter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge_adapter)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_phantom, _add_convert, _add_plans, _add_predict,
-                                                                     _add_merge_adapter)
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the README workflow on phantom data with the tiny preset (main job)",
+                       description="Phantom -> CT base -> PEMMA adaptation -> CT-only continual update through "
+                                   "nnU-Net's commands, then a Dice table of C/P/CP inference. Resumable.")
+    p.add_argument("--out", default="pemma_demo", help="output folder (holds its own nnU-Net folders)")
+    p.add_argument("--cases-per-center", type=int, default=6)
+    p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.set_defaults(func=_demo)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_phantom, _add_convert, _add_plans,
+                                                                     _add_predict, _add_merge_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:
