@@ -32,13 +32,13 @@ def _convert_hecktor(args: argparse.Namespace) -> None:
 
 
 def _plans_add(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.plans_presets import add_preset
+    from nnunetv2_pemma.plans import add_preset
 
     print(add_preset(args.dataset, args.preset, plans_identifier=args.plans, num_processes=args.np))
 
 
 def _plans_transfer(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.plans_presets import transfer_plans
+    from nnunetv2_pemma.plans import transfer_plans
 
     print(transfer_plans(args.source, args.target, args.preset, plans_identifier=args.plans,
                          preprocess=not args.no_preprocess, num_processes=args.np))

@@ -189,9 +189,9 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
     statistics of channels SOURCE lacks (PET). Then TARGET is preprocessed with those plans.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
-    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
-        move_plans_between_datasets
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     preset = load_preset(preset_name)
     config_name = preset["configuration"]
@@ -211,11 +211,16 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
     target_modalities = channel_modalities(json.loads(raw_json.read_text()))
     source_modalities = channel_modalities(json.loads((source_folder / "dataset.json").read_text()))
 
-    fingerprint = extract_fingerprint_dataset(convert_dataset_name_to_id(target_name), num_processes=num_processes,
-                                              check_dataset_integrity=True, clean=True, verbose=False)
+    extract_fingerprint_dataset(convert_dataset_name_to_id(target_name), num_processes=num_processes,
+                                check_dataset_integrity=True, clean=True, verbose=False)
+    fingerprint = json.loads((target_folder / "dataset_fingerprint.json").read_text())
     shutil.copy(raw_json, target_folder / "dataset.json")
-    move_plans_between_datasets(source_name, target_name, plans_identifier, plans_identifier)
-    plans = json.loads(target_plans_file.read_text())
+    target_json = json.loads(raw_json.read_text())
+    example = next(iter(get_filenames_of_train_images_and_targets(str(raw_json.parent), target_json).values()))
+    plans = copy.deepcopy(source_plans)
+    plans["dataset_name"] = target_name
+    plans["image_reader_writer"] = determine_reader_writer_from_dataset_json(
+        target_json, example["images"][0], allow_nonmatching_filename=True, verbose=False).__name__
     plans["pemma_transferred_from"] = source_name
 
     source_props = source_plans["foreground_intensity_properties_per_channel"]
