@@ -106,7 +106,7 @@ def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration
         return written
     from nnunetv2_pemma.data.geometry import load_crop_records, restore_to_original
 
-    records = load_crop_records(crop_records)
+    records = load_crop_records(crop_records if crop_records.is_dir() else crop_records.parent)
     restored = []
     for pred in written:
         case = pred.name[:-len(".nii.gz")]

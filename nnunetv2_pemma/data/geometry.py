@@ -23,9 +23,10 @@ from nnunetv2_pemma.errors import InputDataError
 
 CROPS_FILE = "pemma_crops.json"
 BODY_HU = -500.0
-# A slice belongs to the head once it holds this much body (20 cm^2, well below a skull vertex slice)...
+# A slice is part of the head once it holds this much body (20 cm^2, a slice just below the skull vertex; smaller
+# slices are noise, a headrest or the very vertex)...
 HEAD_AREA_MM2 = 2000.0
-# ...or half the largest body slice, so that tiny phantoms and children still get a head top.
+# ...or half the largest body slice, so that tiny phantoms still get a head top.
 HEAD_AREA_FRACTION = 0.5
 # Label and CT headers may differ by float32 rounding; anything this small is the same grid.
 GEOMETRY_TOL_MM = 1e-2
@@ -82,7 +83,8 @@ def headneck_box(ct: sitk.Image, crop_size_mm: Sequence[float]) -> Box:
 
     Body = CT > -500 HU. The head top is the physically most superior slice (largest z, the same in LPS and RAS)
     with enough body in it; the box spans crop_size_mm[2] below it and is centred in-plane on the centroid of the
-    body voxels in that slab. The box is clipped to the image, so an image smaller than the box is kept whole.
+    body voxels in that slab. The box is clipped to the image, so an image smaller than the box is kept whole from
+    the head top down. Known limit: a scanner table reaching above the head passes for body and moves the box up.
     """
     body = sitk.GetArrayViewFromImage(ct) > BODY_HU  # numpy axes are index axes reversed
     phys_of = _index_axis_to_physical(ct)
@@ -106,9 +108,11 @@ def headneck_box(ct: sitk.Image, crop_size_mm: Sequence[float]) -> Box:
         stop[z_axis] = start[z_axis] + n[z_axis]
     slab = [slice(None)] * 3
     slab[2 - z_axis] = slice(max(0, start[z_axis]), min(size[z_axis], stop[z_axis]))
-    centroid = np.argwhere(body[tuple(slab)]).mean(axis=0)  # numpy order; in-plane entries are unaffected by slab
-    for a in in_plane:
-        start[a] = int(round(centroid[2 - a] - (n[a] - 1) / 2))
+    body_slab = body[tuple(slab)]
+    for a in in_plane:  # centroid from the body's projection on each in-plane axis (no per-voxel coordinates)
+        profile = body_slab.sum(axis=tuple(ax for ax in range(3) if ax != 2 - a))
+        centroid = float(np.dot(np.arange(profile.size), profile) / profile.sum())
+        start[a] = int(round(centroid - (n[a] - 1) / 2))
         stop[a] = start[a] + n[a]
     start = [max(0, s) for s in start]
     stop = [min(sz, e) for sz, e in zip(size, stop)]
@@ -117,7 +121,7 @@ def headneck_box(ct: sitk.Image, crop_size_mm: Sequence[float]) -> Box:
 
 def bbox_mm_box(ct: sitk.Image, lo_mm: Sequence[float], hi_mm: Sequence[float]) -> Box:
     """CT voxels whose centres lie inside a physical box (HECKTOR 2021 bbox CSV, mm), clipped to the image."""
-    corners = [ct.TransformPhysicalPointToContinuousIndex([(lo_mm, hi_mm)[(c >> a) & 1][a] for a in range(3)])
+    corners = [ct.TransformPhysicalPointToContinuousIndex([float((lo_mm, hi_mm)[(c >> a) & 1][a]) for a in range(3)])
                for c in range(8)]
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
     start = [max(0, int(np.ceil(v - 1e-3))) for v in lo]

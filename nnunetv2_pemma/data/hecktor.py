@@ -47,6 +47,7 @@ _FILE_2021 = re.compile(r"^(?P<id>.+)_(?P<kind>ct|pt|gtvt)\.nii(?:\.gz)?$", re.I
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BBOX_COLUMNS = ("PatientID", "x1", "x2", "y1", "y2", "z1", "z2")
 _CHANNEL = {"CT": "CT", "PET": "PT"}  # modality name -> HECKTOR file tag
+_KIND_NAMES = {"CT": "CT", "PT": "PET", "label": "label", "ct": "CT", "pt": "PET", "gtvt": "label"}
 
 
 @dataclass
@@ -101,22 +102,12 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     cases = _select_centers(cases, centers, input_dir)
 
     labels = LABELS_2022 if edition == 2022 else LABELS_2021
-    checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
-              for case in tqdm(cases, desc="checking cases", unit="case")}
-    bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
-    if bad and not skip_bad:
-        raise InputDataError(f"{len(bad)} of {len(cases)} case(s) in {input_dir} are bad, nothing was written "
-                             f"(--skip-bad converts the rest): " + "; ".join(f"{c}: {r}" for c, r in bad.items()))
-    good = [case for case in cases if case.case_id not in bad]
-    if not any(case.split == "train" for case in good):
-        raise InputDataError(f"no valid training case left in {input_dir} after skipping the bad ones: "
-                             + "; ".join(f"{c}: {r}" for c, r in bad.items()))
+    good, records, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir)
 
     pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop,
-                   "crop_size_mm": list(crop_size_mm) if crop == "headneck" and edition == 2022 else None,
+                   "crop_size_mm": [float(v) for v in crop_size_mm] if crop == "headneck" and edition == 2022 else None,
                    "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
                    "source": str(input_dir), "skipped": bad}
-    records = {case.case_id: checks[case.case_id].record for case in good}
     tmp_dir = raw_root / f".{final_dir.name}.tmp-{os.getpid()}"
     try:
         splits_file = _write_dataset(tmp_dir, good, records, modalities, labels, pemma_block, final_dir.name)
@@ -130,6 +121,24 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
                             [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
                             _describe_crop(crop, crop_size_mm, edition),
                             final_dir / splits_file.name if splits_file else None, bad, ignored)
+
+
+def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str, int], crop: str,
+                 crop_size_mm: Sequence[float], skip_bad: bool,
+                 input_dir: Path) -> tuple[list[CaseFiles], dict[str, dict], dict[str, str]]:
+    """Good cases, their crop records, and the bad ones (case -> reason); raise unless skip_bad can cope."""
+    checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
+              for case in tqdm(cases, desc="checking cases", unit="case")}
+    bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
+    listing = "; ".join(f"{case}: {reason}" for case, reason in bad.items())
+    if bad and not skip_bad:
+        raise InputDataError(f"{len(bad)} of {len(cases)} case(s) in {input_dir} are bad, nothing was written "
+                             f"(--skip-bad converts the rest): {listing}")
+    good = [case for case in cases if case.case_id not in bad]
+    if not any(case.split == "train" for case in good):
+        why = f" after skipping the bad ones: {listing}" if bad else " (only imagesTs/ cases were selected)"
+        raise InputDataError(f"no valid training case left in {input_dir}{why}")
+    return good, {case.case_id: checks[case.case_id].record for case in good}, bad
 
 
 def canonical_id(raw_id: str) -> str:
@@ -159,10 +168,11 @@ def discover_2022(root: Path) -> tuple[list[CaseFiles], list[str]]:
     for case_id, files in sorted(found.items()):
         split = "test" if files["test"] else "train"
         images = root / ("imagesTs" if split == "test" else "imagesTr")
-        problems = _duplicates(files, ("CT", "PT", "label"))
         if files["test"] and files["train"]:
-            problems.append("has files in imagesTs/ and in imagesTr/ or labelsTr/: "
-                            + ", ".join(f"{p.parent.name}/{p.name}" for p in files["train"] + files["test"]))
+            problems = ["has files in imagesTs/ and in imagesTr/ or labelsTr/: "
+                        + ", ".join(f"{p.parent.name}/{p.name}" for p in files["train"] + files["test"])]
+        else:
+            problems = _duplicates(files, ("CT", "PT", "label"))
         cases.append(CaseFiles(
             case_id, split, root,
             ct=(files["CT"] or [images / f"{case_id}__CT.nii.gz"])[0],
@@ -230,8 +240,8 @@ def _read_bboxes(root: Path) -> dict[str, tuple[tuple[float, ...], tuple[float, 
 
 
 def _duplicates(files: dict[str, list[Path]], kinds: Sequence[str]) -> list[str]:
-    return [f"{len(files[k])} files map to this case id: " + ", ".join(f"{p.parent.name}/{p.name}" for p in files[k])
-            for k in kinds if len(files[k]) > 1]
+    return [f"{len(files[k])} {_KIND_NAMES[k]} files map to this case id: "
+            + ", ".join(f"{p.parent.name}/{p.name}" for p in files[k]) for k in kinds if len(files[k]) > 1]
 
 
 def _center_problem(case_id: str) -> list[str]:

@@ -112,7 +112,8 @@ class Grid:
     size: tuple[int, int, int]
 
     def coordinates(self, supersample: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Physical x, y, z of voxel centres (or of `supersample`^3 sub-voxel centres per voxel), arrays in z, y, x order."""
+        """Physical x, y, z of the voxel centres (or of `supersample`^3 sub-voxel centres per voxel), as arrays in
+        z, y, x order like SimpleITK's."""
         offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
         axes = [o + s * (np.arange(n)[:, None] + offsets[None, :]).ravel()
                 for o, s, n in zip(self.origin, self.spacing, self.size)]
@@ -197,18 +198,17 @@ class PhantomSummary:
     cases_without_gtvn: tuple[str, ...]
 
     def __str__(self) -> str:
-        s = SIZES[self.size]
-        centers = ", ".join(dict.fromkeys(i.split("-")[0] for i in self.case_ids))
-        test = (f" and {len(self.test_case_ids)} unlabelled test cases in imagesTs/ "
-                f"({', '.join(dict.fromkeys(i.split('-')[0] for i in self.test_case_ids))})"
+        def centers(ids: tuple[str, ...]) -> str:
+            return ", ".join(dict.fromkeys(i.split("-")[0] for i in ids))
+
+        test = (f", plus {len(self.test_case_ids)} unlabelled test cases in imagesTs/ ({centers(self.test_case_ids)})"
                 if self.test_case_ids else "")
-        return (f"Wrote a synthetic HECKTOR 2022 phantom to {self.out_dir}: {len(self.case_ids)} training cases "
-                f"({centers}) in imagesTr/ + labelsTr/{test}; size '{self.size}' (CT {s.ct_xy_voxels}x"
-                f"{s.ct_xy_voxels} voxels of ~1 mm over {s.z_fov_mm:g} mm in 2-3 mm slices, HU int16; PET "
-                f"{PET_PIXEL_MM:g} mm voxels on its own grid, SUV float32; labels {LABELS_2022} on the CT grid), "
-                f"seed {self.seed}; {len(self.cases_without_gtvn)} training cases have no GTVn. Tables: "
-                f"{CLINICAL_CSV}, {ENDPOINT_CSV} (RFS in days, shorter for larger and hotter GTVp). Next: "
-                f"pemma convert-hecktor {self.out_dir} --dataset-id N --name NAME")
+        return (f"Wrote a synthetic HECKTOR 2022 phantom to {self.out_dir} (size '{self.size}', seed {self.seed}): "
+                f"{len(self.case_ids)} training cases from {centers(self.case_ids)} in imagesTr/ (CT in HU; PET in "
+                f"SUV on its own {PET_PIXEL_MM:g} mm grid) and labelsTr/ (1 GTVp, 2 GTVn; "
+                f"{len(self.cases_without_gtvn)} cases without GTVn){test}; clinical and relapse-free survival "
+                f"tables in {CLINICAL_CSV} and {ENDPOINT_CSV}. Next: pemma convert-hecktor {self.out_dir} "
+                f"--dataset-id N --name NAME")
 
 
 def write_phantom(out_dir: Path, cases_per_center: int, size: str = "small", seed: int = 0,
@@ -331,17 +331,17 @@ def _centered_grid(center: np.ndarray, spacing: tuple[float, ...], size: tuple[i
 # field of view from its inferior end. +y is posterior.
 BODY = (0.0, 2.0, 21.0, 18.0)  # centre x, y and semi-axes of the neck
 FAT_THICKNESS = 2.0
-AIRWAY = (0.0, -5.0, 4.0, 3.0)
+AIRWAY = (0.0, -3.5, 4.0, 3.0)
 AIRWAY_TOP = 0.8  # the airway runs from the inferior end up to this fraction of the field of view
 CONSTRICTOR = (6.5, 5.5)  # pharyngeal muscle around the airway: outer semi-axes
 STERNOCLEIDOMASTOID = (14.0, -4.0, 3.0, 2.5)  # +/- x
-VERTEBRA = (0.0, 5.0, 4.5, 1.2)  # centre, radius, cortical rim
+VERTEBRA = (0.0, 6.0, 4.5, 1.2)  # centre, radius, cortical rim
 DISC_PERIOD, DISC_HEIGHT = 8.0, 2.0
-CANAL = (0.0, 12.0, 2.0, 3.2)  # centre, canal radius, outer radius of the bony arch
-PARASPINAL = (6.5, 14.5, 4.0, 2.8)  # +/- x
-MANDIBLE = (0.0, 1.0, 11.5, 14.0, -2.0, 0.62, 0.78)  # centre, inner and outer radius, anterior of y, z range
+CANAL = (0.0, 13.0, 2.0, 3.2)  # centre, canal radius, outer radius of the bony arch
+PARASPINAL = (6.5, 15.5, 4.0, 2.5)  # +/- x
+MANDIBLE = (0.0, 1.0, 12.5, 15.0, -2.0, 0.62, 0.78)  # centre, inner and outer radius, anterior of y, z range
 GTVP_Z = (0.35, 0.6)
-NODE_Z = (0.2, 0.6)
+NODE_Z = (0.2, 0.55)
 NODE_COUNT_P = (0.3, 0.3, 0.25, 0.15)  # P(0, 1, 2, 3 lymph nodes)
 
 
@@ -352,8 +352,8 @@ def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: 
     airway = np.array([axis_x + AIRWAY[0] * s, axis_y + AIRWAY[1] * s])
     gtvp = _draw_gtvp(airway, z_lo + rng.uniform(*GTVP_Z) * length, size, rng)
     nodes = _draw_nodes(gtvp, axis_x, axis_y, z_lo, length, size, rng)
-    tonsil_z, tonsil_radii = z_lo + 0.68 * length, np.array([2.5, 3.0, 4.0]) * s * rng.uniform(0.9, 1.15)
-    tonsils = tuple(Ellipsoid((airway[0] + side * 7.0 * s, airway[1], tonsil_z), tuple(tonsil_radii))
+    tonsil_z, tonsil_radii = z_lo + 0.68 * length, np.array([3.5, 4.0, 6.0]) * s * rng.uniform(0.9, 1.15)
+    tonsils = tuple(Ellipsoid((airway[0] + side * 7.5 * s, airway[1], tonsil_z), tuple(tonsil_radii))
                     for side in (-1, 1))
     cords = tuple(Ellipsoid((airway[0] + side * 2.2 * s, airway[1], z_lo + 0.2 * length),
                             (1.4 * s, 2.2 * s, 2.0 * s)) for side in (-1, 1))
@@ -362,7 +362,7 @@ def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: 
         gtvp=gtvp, gtvp_hu=MUSCLE[0] + rng.uniform(10, 25), gtvp_suv=rng.uniform(5, 20),
         nodes=nodes, node_hu=tuple(MUSCLE[0] + rng.uniform(5, 15, len(nodes))),
         node_suv=tuple(rng.uniform(3, 8, len(nodes))),
-        tonsils=tonsils, tonsil_suv=rng.uniform(4, 7),
+        tonsils=tonsils, tonsil_suv=rng.uniform(5, 9),
         vocal_cords=cords, vocal_cord_suv=rng.uniform(3, 5) if rng.random() < 0.5 else SOFT[1],
         brain=Ellipsoid((axis_x, axis_y + 3 * s, z_hi + 14 * s), (15 * s, 14 * s, 24 * s)),
         brain_suv=rng.uniform(7, 11))
@@ -419,9 +419,9 @@ def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple
     def ellipse(cx: float, cy: float, a: float, b: float) -> np.ndarray:
         return ((u - cx) / a) ** 2 + ((v - cy) / b) ** 2 <= 1.0
 
-    body = ellipse(*BODY)
+    body, inner = ellipse(*BODY), ellipse(BODY[0], BODY[1], BODY[2] - FAT_THICKNESS, BODY[3] - FAT_THICKNESS)
     paint(body, FAT)
-    paint(ellipse(BODY[0], BODY[1], BODY[2] - FAT_THICKNESS, BODY[3] - FAT_THICKNESS), SOFT)
+    paint(inner, SOFT)
     pharynx = w <= AIRWAY_TOP
     paint(pharynx & ellipse(AIRWAY[0], AIRWAY[1], *CONSTRICTOR), MUSCLE)
     for side in (-1, 1):
@@ -437,11 +437,12 @@ def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple
     paint(pharynx & ellipse(*AIRWAY), AIR)
     paint(_inside_any(anat.vocal_cords, x, y, z), (MUSCLE[0], anat.vocal_cord_suv))
     paint(_inside_any(anat.tonsils, x, y, z), (MUSCLE[0], anat.tonsil_suv))
+    # Lesions last and inside the fat layer: the label is exactly where they are painted.
     for node, node_hu, node_suv in zip(anat.nodes, anat.node_hu, anat.node_suv):
-        mask = body & node.inside(x, y, z)
+        mask = inner & node.inside(x, y, z)
         paint(mask, (node_hu, node_suv))
         label[mask] = LABELS_2022["GTVn"]
-    mask = body & _inside_any(anat.gtvp, x, y, z)
+    mask = inner & _inside_any(anat.gtvp, x, y, z)
     paint(mask, (anat.gtvp_hu, anat.gtvp_suv))
     label[mask] = LABELS_2022["GTVp"]
     return hu, suv, label

@@ -39,8 +39,7 @@ def make_center_splits(case_centers: Mapping[str, str], n_folds: int = N_FOLDS,
         for case in cases:
             val[fold].append(case)
             fold = (fold + 1) % n_folds
-    every = sorted(case_centers)
-    return [{"train": sorted(set(every) - set(v)), "val": sorted(v)} for v in val]
+    return [{"train": sorted(set(case_centers) - set(v)), "val": sorted(v)} for v in val]
 
 
 def write_splits_to_preprocessed(raw_dataset_dir: Path, preprocessed_dataset_dir: Path) -> Path | None:

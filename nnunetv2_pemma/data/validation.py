@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
+from nibabel.filebasedimages import ImageFileError
 import numpy as np
 import SimpleITK as sitk
 
@@ -18,7 +20,7 @@ from nnunetv2_pemma.data.geometry import (Box, bbox_mm_box, crop_record, geometr
                                           overlap_problem, sitk_error_reason)
 from nnunetv2_pemma.errors import InputDataError
 
-_FLOAT_TYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64)}
+_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Seque
         try:
             box = _box(case, ct, crop, crop_size_mm)
         except InputDataError as e:
-            problems.append(str(e))
+            problems.append(f"CT file {case.show(case.ct)}: {e}")
         else:
             if pet is not None and (overlap := overlap_problem(pet, ct, box)) is not None:
                 problems.append(f"PET file {case.show(case.pet)} {overlap}")
@@ -102,13 +104,27 @@ def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.I
         problems.append(f"{what} file {shown} has {image.GetNumberOfComponentsPerPixel()} components per voxel, "
                         f"expected 1")
         return None
-    array = sitk.GetArrayViewFromImage(image)
-    if array.dtype in _FLOAT_TYPES:
-        n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        if n_bad:
-            problems.append(f"{what} file {shown} has {n_bad} NaN/inf voxels")
-            return None
+    try:
+        n_bad = _count_non_finite(path, image)
+    except (ImageFileError, OSError, EOFError, ValueError) as e:
+        problems.append(f"cannot read {what} file {shown}: {e}")
+        return None
+    if n_bad:
+        problems.append(f"{what} file {shown} has {n_bad} NaN/inf voxels")
+        return None
     return image
+
+
+def _count_non_finite(path: Path, image: sitk.Image) -> int:
+    """NaN/inf voxels of a float image, counted in the file: SimpleITK's NIfTI reader (ITK < 6) silently turns them
+    into 0, which would hide them from us and from nnU-Net's own integrity check."""
+    if image.GetPixelID() not in _FLOAT_PIXELS:
+        return 0
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    else:
+        data = sitk.GetArrayViewFromImage(image)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def _label_problems(case: CaseFiles, label: sitk.Image, allowed: Sequence[int]) -> list[str]:

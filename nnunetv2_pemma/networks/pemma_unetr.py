@@ -145,8 +145,7 @@ class PEMMAUNETR(UNETR):
         self.input_modalities = mods
 
     def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load a CT UNETR state dict (e.g. from :func:`build_unetr`) into the base modules, then init PET per
-        ``pet_init``.
+        """Load a CT UNETR state dict (from :func:`build_unetr`) into the base, then initialise PET (``pet_init``).
 
         Raises:
             IncompatibleBaseError: (a ValueError) naming the differing keys and what they imply, e.g. hidden size,
@@ -237,6 +236,10 @@ class PEMMAUNETR(UNETR):
         return self.out(out)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _shape(t: Sequence[int]) -> str:
     return "x".join(str(s) for s in t)
 
@@ -275,9 +278,9 @@ def _base_mismatches(
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and not is_pemma_parameter(k)]
     if missing:
-        problems.append(f"{len(missing)} keys missing, e.g. {missing[:3]}")
+        problems.append(f"{_count(len(missing), 'key')} missing, e.g. {missing[:3]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        problems.append(f"{_count(len(unexpected), 'unexpected key')}, e.g. {unexpected[:3]}")
     differing = [
         (k, tuple(state_dict[k].shape), tuple(v.shape))
         for k, v in expected.items()
@@ -287,7 +290,7 @@ def _base_mismatches(
     problems.extend(dict.fromkeys(explained))  # unique, in order
     if differing:
         examples = ", ".join(f"{k} {_shape(b)} vs {_shape(n)}" for k, b, n in differing[:3])
-        problems.append(f"{len(differing)} tensors differ in shape, e.g. {examples}")
+        problems.append(f"{_count(len(differing), 'tensor')} of different shape, e.g. {examples}")
     return problems
 
 
@@ -315,8 +318,7 @@ def pemma_trainable_parameter_names(net: nn.Module) -> list[str]:
 
 
 def freeze_for_adaptation(net: nn.Module) -> list[str]:
-    """Multi-modal adaptation: freeze the base (``requires_grad=False``), train the PEMMA parameters; return their
-    names."""
+    """Multi-modal adaptation: train the PEMMA parameters, freeze the base; return the trainable names."""
     return _train_only(net, is_pemma_parameter)
 
 
