@@ -88,6 +88,9 @@ def _run(step: Step, env: dict[str, str], logs: Path) -> float:
     exe = Path(sys.executable).parent / step.argv[0]
     argv = [str(exe) if exe.exists() else step.argv[0], *step.argv[1:]]
     log = logs / (step.name.replace(" ", "_").replace(">", "") + ".log")
+    if step.argv[0] == "nnUNetv2_plan_and_preprocess":
+        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
+        env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     start = time.perf_counter()
     with log.open("w") as f:
         code = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT).returncode

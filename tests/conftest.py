@@ -28,6 +28,9 @@ def nnunet_environment(root: Path) -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run a console command of this venv (pemma, nnUNetv2_*) and capture its output."""
+    if args[0] == "nnUNetv2_plan_and_preprocess":
+        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
+        env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     exe = BIN / args[0]
     cmd = [str(exe), *args[1:]] if exe.exists() else args
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
