@@ -54,6 +54,17 @@ def _predict(args: argparse.Namespace) -> None:
     print(f"{len(written)} predictions in {args.o}")
 
 
+def _predict_late_fusion(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.late_fusion import ModelRef, predict_late_fusion
+
+    folds = tuple(f if f == "all" else int(f) for f in args.f)
+    ct = ModelRef(*args.ct_model, folds=folds) if args.ct_model else None
+    pet = ModelRef(*args.pet_model, folds=folds) if args.pet_model else None
+    written = predict_late_fusion(Path(args.i), Path(args.o), args.modalities, ct, pet, w_ct=args.w_ct,
+                                  device=args.device, tta=not args.disable_tta)
+    print(f"{len(written)} late-fusion predictions in {args.o}")
+
+
 def _merge_adapter(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.adaptation.adapter import merge_adapter
 
@@ -141,6 +152,23 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict)
 
 
+def _add_predict_late_fusion(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict-late-fusion", help="late-fusion baseline: CT model and PET model, softmax averaged",
+                       description="M_CP = w_C * M_C + (1 - w_C) * M_P (PEMMA paper, eq. 1); with one modality the "
+                                   "available model alone.")
+    p.add_argument("-i", required=True, help="input folder (CASE_0000.nii.gz, ... in the order of --modalities)")
+    p.add_argument("-o", required=True, help="output folder")
+    p.add_argument("--modalities", nargs="+", required=True, type=str.upper, help="e.g. CT PET, CT or PET")
+    model = ("DATASET", "TRAINER", "CONFIGURATION")
+    p.add_argument("--ct-model", nargs=3, metavar=model, help="the CT model, e.g. 501 UNETRTrainer 3d_unetr")
+    p.add_argument("--pet-model", nargs=3, metavar=model, help="the PET model, e.g. 505 UNETRTrainer 3d_unetr")
+    p.add_argument("--w-ct", type=float, default=0.5, help="weight w_C of the CT model (default 0.5)")
+    p.add_argument("-f", nargs="+", default=["0"], help="folds of both models")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("--disable_tta", action="store_true")
+    p.set_defaults(func=_predict_late_fusion)
+
+
 def _add_merge_adapter(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge-adapter", help="CT checkpoint + adapter (safetensors) -> full nnU-Net model folder")
     p.add_argument("--base", required=True, help="checkpoint_final.pth of the CT UNETR")
@@ -162,7 +190,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_phantom, _add_convert, _add_plans,
-                                                                     _add_predict, _add_merge_adapter)
+                                                                     _add_predict, _add_predict_late_fusion,
+                                                                     _add_merge_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:

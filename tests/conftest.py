@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,3 +47,49 @@ def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subpr
 @pytest.fixture
 def nnunet_env(tmp_path: Path) -> dict[str, str]:
     return nnunet_environment(tmp_path)
+
+
+CONFIG = "3d_unetr_tiny"
+
+
+def checkpoint_of(env: dict[str, str], dataset: str, trainer: str) -> Path:
+    return (Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
+            / "checkpoint_final.pth")
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+
+
+@pytest.fixture(scope="session")
+def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The README workflow through nnU-Net's commands on phantom data (tiny preset), run once per session:
+    CT base (501) -> PEMMA adaptation on MDA CT+PET (502) -> LoRA-only continual update on HGJ CT (503)."""
+    root = tmp_path_factory.mktemp("workflow")
+    env = nnunet_environment(root)
+    data = root / "hecktor"
+    run_ok(["pemma", "phantom", str(data), "--cases-per-center", "5", "--seed", "3"], env)
+
+    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "501", "--name", "HNC_CT",
+            "--centers", "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "--verify_dataset_integrity",
+            "-np", "1"], env)
+    run_ok(["pemma", "plans", "add", "501", "--preset", "tiny"], env)
+    base_log = run_ok(["nnUNetv2_train", "501", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)
+    base = checkpoint_of(env, "Dataset501_HNC_CT", "UNETRTrainer")
+
+    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "502", "--name", "HNC_CTPET_MDA",
+            "--centers", "MDA", "--modalities", "CT", "PET"], env)
+    run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", "tiny"], env)
+    run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "PEMMATrainer", "-device", "cpu",
+            "-pretrained_weights", str(base)], env)
+    adapted = checkpoint_of(env, "Dataset502_HNC_CTPET_MDA", "PEMMATrainer")
+
+    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "503", "--name", "HNC_CT_HGJ",
+            "--centers", "HGJ", "--modalities", "CT"], env)
+    run_ok(["pemma", "plans", "transfer", "501", "503", "--preset", "tiny"], env)
+    run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
+            "-pretrained_weights", str(adapted)], env)
+    continual = checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "PEMMAContinualTrainer")
+    return {"env": env, "root": root, "base": base, "adapted": adapted, "continual": continual,
+            "base_log": base_log.stdout}

@@ -11,52 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import nnunet_environment, run_cli, run_ok
+from conftest import run_cli, run_ok
 
 pytestmark = pytest.mark.slow
 
-CONFIG = "3d_unetr_tiny"
-
-
-def _checkpoint(env: dict[str, str], dataset: str, trainer: str) -> Path:
-    return (Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{CONFIG}" / "fold_0"
-            / "checkpoint_final.pth")
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
-
-
-@pytest.fixture(scope="module")
-def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("workflow")
-    env = nnunet_environment(root)
-    data = root / "hecktor"
-    run_ok(["pemma", "phantom", str(data), "--cases-per-center", "5", "--seed", "3"], env)
-
-    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "501", "--name", "HNC_CT",
-            "--centers", "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
-    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "--verify_dataset_integrity",
-            "-np", "1"], env)
-    run_ok(["pemma", "plans", "add", "501", "--preset", "tiny"], env)
-    base_log = run_ok(["nnUNetv2_train", "501", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)
-    base = _checkpoint(env, "Dataset501_HNC_CT", "UNETRTrainer")
-
-    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "502", "--name", "HNC_CTPET_MDA",
-            "--centers", "MDA", "--modalities", "CT", "PET"], env)
-    run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", "tiny"], env)
-    run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "PEMMATrainer", "-device", "cpu",
-            "-pretrained_weights", str(base)], env)
-    adapted = _checkpoint(env, "Dataset502_HNC_CTPET_MDA", "PEMMATrainer")
-
-    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "503", "--name", "HNC_CT_HGJ",
-            "--centers", "HGJ", "--modalities", "CT"], env)
-    run_ok(["pemma", "plans", "transfer", "501", "503", "--preset", "tiny"], env)
-    run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
-            "-pretrained_weights", str(adapted)], env)
-    continual = _checkpoint(env, "Dataset503_HNC_CT_HGJ", "PEMMAContinualTrainer")
-    return {"env": env, "root": root, "base": base, "adapted": adapted, "continual": continual,
-            "base_log": base_log.stdout}
+from conftest import CONFIG, weights as _weights
 
 
 def test_training_uses_centre_stratified_splits(workflow: dict) -> None:
@@ -139,3 +98,94 @@ def test_incompatible_base_checkpoint_names_what_differs(workflow: dict, tmp_pat
     assert proc.returncode != 0
     assert "patch size [48, 48, 48] (checkpoint) vs [32, 32, 32]" in proc.stderr
     assert "hidden_size 96 (checkpoint) vs 48" in proc.stderr
+
+
+def _inputs(raw_images: Path, case: str, channels: list[int], folder: Path) -> Path:
+    """nnU-Net input folder for one case holding the given raw channels, renumbered from _0000."""
+    folder.mkdir(parents=True)
+    for i, c in enumerate(channels):
+        (folder / f"{case}_{i:04d}.nii.gz").symlink_to(raw_images / f"{case}_{c:04d}.nii.gz")
+    return folder
+
+
+@pytest.mark.parametrize("modalities,channels", [(["CT", "PET"], [0, 1]), (["CT"], [0]), (["PET"], [1])])
+def test_pemma_predict_any_modality_subset(workflow: dict, tmp_path: Path, modalities: list[str],
+                                           channels: list[int]) -> None:
+    """C, P and CP inference from one model, also from the continual model, whose last data had CT alone."""
+    env = workflow["env"]
+    images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    inputs = _inputs(images, case, channels, tmp_path / "in")
+    for dataset, trainer in (("502", "PEMMATrainer"), ("503", "PEMMAContinualTrainer")):
+        out = tmp_path / f"out_{dataset}"
+        run_ok(["pemma", "predict", "-i", str(inputs), "-o", str(out), "-d", dataset, "-c", CONFIG, "-tr", trainer,
+                "-f", "0", "-device", "cpu", "--disable_tta", "--modalities", *modalities], env)
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        ct = sitk.GetArrayFromImage(sitk.ReadImage(str(images / f"{case}_0000.nii.gz")))
+        assert pred.shape == ct.shape and set(np.unique(pred)) <= {0, 1, 2}
+
+
+def test_pemma_predict_rejects_unknown_modality_for_ct_model(workflow: dict, tmp_path: Path) -> None:
+    env = workflow["env"]
+    images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    inputs = _inputs(images, case, [1], tmp_path / "in")
+    proc = run_cli(["pemma", "predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "501", "-c", CONFIG,
+                    "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--modalities", "PET"], env)
+    assert proc.returncode == 2
+    assert "this model knows ['CT']" in proc.stderr
+
+
+def test_merge_adapter_rebuilds_the_adapted_checkpoint(workflow: dict, tmp_path: Path) -> None:
+    adapter = workflow["adapted"].parent / "adapter_final.safetensors"
+    assert adapter.stat().st_size < workflow["adapted"].stat().st_size / 2
+    run_ok(["pemma", "merge-adapter", "--base", str(workflow["base"]), "--adapter", str(adapter),
+            "--out", str(tmp_path / "merged")], workflow["env"])
+    merged = _weights(tmp_path / "merged" / "fold_0" / "checkpoint_final.pth")
+    adapted = _weights(workflow["adapted"])
+    assert merged.keys() == adapted.keys()
+    assert all(torch.equal(merged[k], adapted[k]) for k in adapted)
+
+
+def test_merge_adapter_refuses_an_adapted_checkpoint_as_base(workflow: dict, tmp_path: Path) -> None:
+    adapter = workflow["adapted"].parent / "adapter_final.safetensors"
+    proc = run_cli(["pemma", "merge-adapter", "--base", str(workflow["adapted"]), "--adapter", str(adapter),
+                    "--out", str(tmp_path / "merged")], workflow["env"])
+    assert proc.returncode == 2 and "expected a CT base checkpoint" in proc.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_predict_restores_the_original_ct_grid(workflow: dict, tmp_path: Path) -> None:
+    """Cases cropped by convert-hecktor come back into the original CT grid with --crop-records."""
+    env = workflow["env"]
+    run_ok(["pemma", "convert-hecktor", str(workflow["root"] / "hecktor"), "--dataset-id", "504", "--name",
+            "HNC_MDA_CROPPED", "--centers", "MDA", "--modalities", "CT", "PET", "--crop-size-mm", "40", "40", "40"],
+           env)
+    raw = Path(env["nnUNet_raw"]) / "Dataset504_HNC_MDA_CROPPED"
+    case = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    inputs = _inputs(raw / "imagesTr", case, [0, 1], tmp_path / "in")
+    out = tmp_path / "out"
+    run_ok(["pemma", "predict", "-i", str(inputs), "-o", str(out), "-d", "502", "-c", CONFIG, "-tr", "PEMMATrainer",
+            "-f", "0", "-device", "cpu", "--disable_tta", "--crop-records", str(raw)], env)
+    original = sitk.ReadImage(str(workflow["root"] / "hecktor" / "imagesTr" / f"{case}__CT.nii.gz"))
+    cropped = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+    restored = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    assert cropped.GetSize() != original.GetSize()
+    assert restored.GetSize() == original.GetSize()
+    assert np.allclose(restored.GetOrigin(), original.GetOrigin())
+    assert np.allclose(restored.GetSpacing(), original.GetSpacing())
+
+
+def test_resume_keeps_frozen_weights_frozen(workflow: dict) -> None:
+    """`--c` from a mid-training checkpoint rebuilds the adapted network and its frozen base."""
+    env = workflow["env"]
+    fold4 = workflow["adapted"].parent.parent / "fold_4"
+    fold4.mkdir()
+    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    checkpoint["current_epoch"] = 1
+    torch.save(checkpoint, fold4 / "checkpoint_latest.pth")
+    run_ok(["nnUNetv2_train", "502", CONFIG, "4", "-tr", "PEMMATrainer", "-device", "cpu", "--c"], env)
+    resumed, base = _weights(fold4 / "checkpoint_final.pth"), _weights(workflow["base"])
+    assert all(torch.equal(base[k], resumed[k]) for k in base)
+    adapted = _weights(workflow["adapted"])
+    assert any(not torch.equal(adapted[k], resumed[k]) for k in resumed if "lora" in k), "resumed run did not train"

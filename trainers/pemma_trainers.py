@@ -17,10 +17,11 @@ from nnunetv2_pemma.adaptation.adapter import ADAPTER_FILE, save_adapter
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks import freeze_for_adaptation, freeze_for_continual
 from nnunetv2_pemma.plans import PEMMA_KEY
-from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
-                                                 pretrained_weights_in_flight)
+from nnunetv2_pemma.networks.early_fusion import widen_to_two_channels
+from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization, input_channels,
+                                                 load_checkpoint_file, pretrained_weights_in_flight)
 from nnunetv2_pemma.training.config import epochs_from_schedule, pemma_config
-from nnunetv2_pemma.training.networks import build_pemma_unetr, build_plain_unetr
+from nnunetv2_pemma.training.networks import build_early_fusion_unetr, build_pemma_unetr, build_plain_unetr
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
@@ -51,6 +52,11 @@ class UNETRTrainer(nnUNetTrainer):
         return build_plain_unetr(pemma_config(configuration_manager), num_input_channels, num_output_channels,
                                  configuration_manager.patch_size)
 
+    def _set_pemma(self, section: str | None, key: str, value) -> None:
+        """Override a preset value for this run, also in the plans that plans.json and checkpoints record."""
+        for block in (self.pemma, self.plans_manager.plans["configurations"][self.configuration_name][PEMMA_KEY]):
+            (block if section is None else block[section])[key] = value
+
     def configure_optimizers(self):
         return build_optimizer(self.network, self.pemma["schedule"], self.num_epochs)
 
@@ -58,48 +64,45 @@ class UNETRTrainer(nnUNetTrainer):
         """UNETR has one output head: nothing to switch."""
 
 
-class PEMMATrainer(UNETRTrainer):
-    """CT UNETR -> CT+PET: PET tokens, a PET input skip and LoRA on Q/V train; the CT base stays frozen.
+class AdaptingTrainer(UNETRTrainer):
+    """Starts from a trained model (`-pretrained_weights`) and changes the network once its weights are in.
 
-    Start it with `-pretrained_weights <CT UNETR checkpoint_final.pth>`.
+    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds a CT UNETR the
+    trainer builds that CT UNETR first (`_build_ct_base`) and converts it after loading (`convert`). The class's
+    own build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
     """
-
-    starts_from_ct_base = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._adapted = False
         self._weights_loaded = False
-        if self.starts_from_ct_base:
-            # nnU-Net's -pretrained_weights loader asserts that every key of the network is in the file, so
-            # training builds the bare CT UNETR first and attaches the adapters once its weights are in. The class's
-            # build_network_architecture (what nnUNetv2_predict calls) builds the adapted network.
-            self.build_network_architecture = self._build_ct_base
+        self._from_ct_base = False
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_pemma_unetr(pemma_config(configuration_manager), num_output_channels,
-                                 configuration_manager.patch_size)
+    def expected_checkpoint(self, path: str) -> str:
+        """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
+        return "ct_base"
+
+    def convert(self, ct_base: nn.Module) -> nn.Module:
+        """The network to train, made from the loaded CT UNETR."""
+        raise NotImplementedError
+
+    def freeze(self, network: nn.Module) -> None:
+        """Select the trainable parameters (all by default)."""
 
     def _build_ct_base(self, plans_manager, configuration_manager, num_input_channels: int,
                        num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return build_plain_unetr(self.pemma, 1, num_output_channels, configuration_manager.patch_size)
 
-    @staticmethod
-    def freeze(network: nn.Module) -> None:
-        freeze_for_adaptation(network)
-
     def initialize(self):
         pretrained = pretrained_weights_in_flight()
         if pretrained is not None:
-            theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size,
-                                      needs_adapters=not self.starts_from_ct_base)
-            merged = inherit_modality_normalization(self.pemma, theirs)
-            self.pemma["modality_normalization"] = merged
-            self.plans_manager.plans["configurations"][self.configuration_name][PEMMA_KEY][
-                "modality_normalization"] = merged
+            expect = self.expected_checkpoint(pretrained)
+            theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
+            self._set_pemma(None, "modality_normalization", inherit_modality_normalization(self.pemma, theirs))
+            self._from_ct_base = expect == "ct_base"
+            if self._from_ct_base:
+                self.build_network_architecture = self._build_ct_base
         super().initialize()
         _unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
 
@@ -107,14 +110,10 @@ class PEMMATrainer(UNETRTrainer):
         self._weights_loaded = True
 
     def _adapt(self) -> None:
-        """Attach the adapters (when starting from the CT base), freeze, and rebuild optimiser and DDP wrapper."""
+        """Convert (when starting from the CT base), freeze, and rebuild the optimiser and DDP wrapper."""
         network = _unwrap(self.network)
-        if self.starts_from_ct_base:
-            adapted = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
-                                                            self.num_input_channels,
-                                                            self.label_manager.num_segmentation_heads)
-            adapted.load_base_state_dict(network.state_dict())
-            network = adapted
+        if self._from_ct_base:
+            network = self.convert(network)
         self.freeze(network)
         network = network.to(self.device)
         if self.is_ddp:
@@ -131,8 +130,7 @@ class PEMMATrainer(UNETRTrainer):
         if not self._adapted:
             if not self._weights_loaded:
                 raise CheckpointError(f"{type(self).__name__} adapts a trained model: pass -pretrained_weights "
-                                      f"<.../fold_X/checkpoint_final.pth> of a "
-                                      f"{'UNETRTrainer (CT)' if self.starts_from_ct_base else 'PEMMATrainer'} run")
+                                      f"<.../fold_X/checkpoint_final.pth>")
             self._adapt()
         super().on_train_start()
 
@@ -140,8 +138,43 @@ class PEMMATrainer(UNETRTrainer):
         if not self.was_initialized:
             self.initialize()
         if not self._adapted:
-            self._adapt()  # a resumed or validated checkpoint holds the adapted network
+            self._adapt()  # a resumed or validated checkpoint already holds the converted network
         super().load_checkpoint(filename_or_checkpoint)
+
+
+class PEMMATrainer(AdaptingTrainer):
+    """CT UNETR -> CT+PET: PET tokens, a PET input skip and LoRA on Q/V train; the CT base stays frozen.
+
+    Start it with `-pretrained_weights <UNETRTrainer checkpoint_final.pth>`. Next to checkpoint_final.pth it
+    writes the trained weights alone (adapter_final.safetensors).
+    """
+
+    pet_init: str | None = None  # None: the preset's adaptation.pet_init
+    adapter_method: str | None = None  # None: the preset's adaptation.method ("lora" if absent)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.pet_init is not None:
+            self._set_pemma("adaptation", "pet_init", self.pet_init)
+        if self.adapter_method is not None:
+            self._set_pemma("adaptation", "method", self.adapter_method)
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_pemma_unetr(pemma_config(configuration_manager), num_output_channels,
+                                 configuration_manager.patch_size)
+
+    def convert(self, ct_base: nn.Module) -> nn.Module:
+        adapted = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                        self.num_input_channels,
+                                                        self.label_manager.num_segmentation_heads)
+        adapted.load_base_state_dict(ct_base.state_dict())
+        return adapted
+
+    def freeze(self, network: nn.Module) -> None:
+        freeze_for_adaptation(network)
 
     def on_train_end(self):
         super().on_train_end()
@@ -158,8 +191,81 @@ class PEMMAContinualTrainer(PEMMATrainer):
     Start it with `-pretrained_weights <PEMMATrainer checkpoint_final.pth>`; a missing modality is zero.
     """
 
-    starts_from_ct_base = False
+    def expected_checkpoint(self, path: str) -> str:
+        return "pemma"
+
+    def freeze(self, network: nn.Module) -> None:
+        freeze_for_continual(network)
+
+
+class PEMMADoRATrainer(PEMMATrainer):
+    """PEMMA with DoRA (weight-decomposed low-rank adaptation) on Q and V instead of LoRA."""
+
+    adapter_method = "dora"
+
+
+class PEMMADoRAContinualTrainer(PEMMAContinualTrainer):
+    """Continual update of a PEMMA-DoRA model: only the DoRA matrices and magnitudes train."""
+
+    adapter_method = "dora"
+
+
+class EarlyFusionTrainer(AdaptingTrainer):
+    """Baseline (paper section 2.1): the CT UNETR's patch embedding and input skip widened to (CT, PET) channels,
+    then the whole model trains. From an early-fusion checkpoint on a one-modality dataset it fine-tunes with the
+    absent channel zero, which is how the forgetting PEMMA avoids is measured."""
+
+    pet_init: str | None = None  # None: the preset's adaptation.pet_init
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.pet_init is not None:
+            self._set_pemma("adaptation", "pet_init", self.pet_init)
 
     @staticmethod
-    def freeze(network: nn.Module) -> None:
-        freeze_for_continual(network)
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_early_fusion_unetr(pemma_config(configuration_manager), num_output_channels,
+                                        configuration_manager.patch_size)
+
+    def expected_checkpoint(self, path: str) -> str:
+        return "ct_base" if input_channels(load_checkpoint_file(path)) == 1 else "early_fusion"
+
+    def convert(self, ct_base: nn.Module) -> nn.Module:
+        fused = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                      self.num_input_channels,
+                                                      self.label_manager.num_segmentation_heads)
+        fused.load_state_dict(widen_to_two_channels(ct_base.state_dict(), fused.state_dict(),
+                                                    self.pemma["adaptation"]["pet_init"]))
+        return fused
+
+
+class PEMMATrainer_zeroinit(PEMMATrainer):
+    """PEMMA with the PET patch embedding and skip initialised to zero."""
+
+    pet_init = "zero"
+
+
+class PEMMATrainer_randominit(PEMMATrainer):
+    """PEMMA with a randomly initialised PET patch embedding and skip."""
+
+    pet_init = "random"
+
+
+class EarlyFusionTrainer_zeroinit(EarlyFusionTrainer):
+    """Early fusion with the PET channel's weights initialised to zero."""
+
+    pet_init = "zero"
+
+
+class EarlyFusionTrainer_randominit(EarlyFusionTrainer):
+    """Early fusion with randomly initialised PET channel weights."""
+
+    pet_init = "random"
+
+
+class EarlyFusionTrainer_crossinit(EarlyFusionTrainer):
+    """Early fusion with the PET channel's weights copied from the CT channel (cross-modal)."""
+
+    pet_init = "cross"

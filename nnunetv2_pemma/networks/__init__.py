@@ -1,6 +1,13 @@
 """Networks: the CT UNETR base and its PEMMA (CT+PET) adaptation."""
 
-from nnunetv2_pemma.networks.lora import LoRAQKVLinear, add_lora_to_vit, set_lora_enabled
+from nnunetv2_pemma.networks.lora import (
+    ADAPTATION_METHODS,
+    DoRAQKVLinear,
+    LoRAQKVLinear,
+    add_lora_to_vit,
+    set_lora_enabled,
+    wrap_qkv,
+)
 from nnunetv2_pemma.networks.pemma_unetr import (
     IncompatibleBaseError,
     PEMMAUNETR,
@@ -14,7 +21,9 @@ from nnunetv2_pemma.networks.pemma_unetr import (
 from nnunetv2_pemma.networks.unetr import MODALITIES, build_unetr, check_img_size, unetr_kwargs
 
 __all__ = [
+    "ADAPTATION_METHODS",
     "MODALITIES",
+    "DoRAQKVLinear",
     "IncompatibleBaseError",
     "LoRAQKVLinear",
     "PEMMAUNETR",
@@ -29,4 +38,5 @@ __all__ = [
     "sample_modality_masks",
     "set_lora_enabled",
     "unetr_kwargs",
+    "wrap_qkv",
 ]

@@ -1,4 +1,8 @@
-"""LoRA on the query and value projections of MONAI's fused ``qkv`` attention layer (PEMMA, eq. 2)."""
+"""LoRA (PEMMA, eq. 2) or DoRA on the query and value projections of a fused ``qkv`` attention layer.
+
+Both layers compute exactly what peft's ``lora.Linear`` (``use_dora=False`` / ``True``) computes on separate Q and V
+projections; ``tests/test_lora_vs_peft.py`` checks outputs and gradients against peft.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets.vit import ViT
 
-__all__ = ["LoRAQKVLinear", "add_lora_to_vit", "set_lora_enabled"]
+__all__ = [
+    "ADAPTATION_METHODS",
+    "DoRAQKVLinear",
+    "LoRAQKVLinear",
+    "add_lora_to_vit",
+    "set_lora_enabled",
+    "wrap_qkv",
+]
 
 
 class LoRAQKVLinear(nn.Linear):
@@ -83,20 +94,111 @@ class LoRAQKVLinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, enabled={self.enabled}"
 
 
-def add_lora_to_vit(vit: ViT, rank: int, alpha: float) -> list[LoRAQKVLinear]:
-    """Replace ``blocks[i].attn.qkv`` of every transformer block by a :class:`LoRAQKVLinear`; return the new layers."""
+class DoRAQKVLinear(LoRAQKVLinear):
+    """DoRA (Liu et al. 2024) on Q and V of a fused qkv layer: ``W' = m * (W + s B A) / ||W + s B A||``.
+
+    Decomposing each row into magnitude and direction lets the update change a row's scale and orientation
+    separately, which LoRA couples. Adds ``lora_magnitude_q``/``lora_magnitude_v`` (d,) to the LoRA factors, named
+    ``lora_*`` so that they train wherever the factors do. As in peft's ``DoraLinearLayer``: the norm is taken per
+    output feature (row) and detached from the graph (DoRA, sec. 4.3), and the magnitudes start at the row norms
+    of ``W + s B A`` (B = 0: of the base rows), so a fresh layer computes exactly what the base layer did.
+    """
+
+    lora_magnitude_q: nn.Parameter
+    lora_magnitude_v: nn.Parameter
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """LoRA's init, then the magnitudes (re-created, as by peft's ``update_layer``) at the current row norms."""
+        super().reset_lora_parameters()
+        w_q, _, w_v = self.weight.chunk(3)
+        self.lora_magnitude_q = nn.Parameter(self._weight_norm(w_q, self.lora_A_q, self.lora_B_q))
+        self.lora_magnitude_v = nn.Parameter(self._weight_norm(w_v, self.lora_A_v, self.lora_B_v))
+
+    def _weight_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        """Row norms of ``W + s B A`` for W (d x d_in), (d,); detached: DoRA treats them as constants."""
+        weight = weight + self.scaling * (lora_B @ lora_A).detach()
+        return torch.linalg.norm(weight, dim=1).detach()
+
+    def _dora_delta(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor,
+        rows: slice,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        magnitude: torch.Tensor,
+    ) -> torch.Tensor:
+        """What DoRA adds to the base output ``base_out`` (B, N, d) of ``rows``, as peft's ``DoraLinearLayer``."""
+        mag_norm_scale = magnitude / self._weight_norm(self.weight[rows], lora_A, lora_B)
+        if self.bias is not None:
+            base_out = base_out - self.bias[rows]
+        lora_out = F.linear(F.linear(x, lora_A), lora_B)
+        return (mag_norm_scale - 1) * base_out + mag_norm_scale * lora_out * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: tokens, (B, N, d_in).
+
+        Returns:
+            (B, N, 3d): ``[q | k | v]`` with ``q = m_q / ||W_q + s B_q A_q|| * (W_q + s B_q A_q) x + b_q``, likewise
+            v; k of the base layer.
+        """
+        out = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
+        d = self.out_features // 3
+        base_q, _, base_v = out.split(d, dim=-1)
+        q = self._dora_delta(x, base_q, slice(0, d), self.lora_A_q, self.lora_B_q, self.lora_magnitude_q)
+        v = self._dora_delta(x, base_v, slice(2 * d, 3 * d), self.lora_A_v, self.lora_B_v, self.lora_magnitude_v)
+        return out + torch.cat((q, torch.zeros_like(q), v), dim=-1)
+
+    def merged_weight(self) -> torch.Tensor:
+        """Effective (3d x d_in) weight of ``forward``, to fold DoRA into a plain ``nn.Linear`` for inference."""
+        if not self.enabled:
+            return self.weight
+        w_q, w_k, w_v = self.weight.chunk(3)
+        rows = []
+        for w, lora_A, lora_B, magnitude in (
+            (w_q, self.lora_A_q, self.lora_B_q, self.lora_magnitude_q),
+            (w_v, self.lora_A_v, self.lora_B_v, self.lora_magnitude_v),
+        ):
+            dora_factor = (magnitude / self._weight_norm(w, lora_A, lora_B)).view(-1, 1)
+            rows.append(dora_factor * (w + self.scaling * (lora_B @ lora_A)))
+        return torch.cat((rows[0], w_k, rows[1]))
+
+
+_QKV_ADAPTERS: dict[str, type[LoRAQKVLinear]] = {"lora": LoRAQKVLinear, "dora": DoRAQKVLinear}
+ADAPTATION_METHODS = tuple(_QKV_ADAPTERS)
+
+
+def wrap_qkv(linear: nn.Linear, rank: int, alpha: float, method: str = "lora") -> LoRAQKVLinear:
+    """Wrap a fused qkv ``nn.Linear(d_in, 3d)`` (ViT or Swin attention) with LoRA or DoRA on Q and V.
+
+    The returned layer shares ``linear``'s parameters, so base state dicts load unchanged.
+    """
+    if method not in _QKV_ADAPTERS:
+        raise ValueError(f"adaptation method must be one of {ADAPTATION_METHODS}, got {method!r}")
+    if isinstance(linear, LoRAQKVLinear) or not isinstance(linear, nn.Linear):
+        raise ValueError(f"expected a plain fused qkv nn.Linear, got {type(linear).__name__}")
+    return _QKV_ADAPTERS[method](linear, rank, alpha)
+
+
+def add_lora_to_vit(vit: ViT, rank: int, alpha: float, method: str = "lora") -> list[LoRAQKVLinear]:
+    """Replace ``blocks[i].attn.qkv`` of every transformer block by a LoRA or DoRA layer; return the new layers."""
     layers = []
     for i, blk in enumerate(vit.blocks):
-        qkv = blk.attn.qkv
-        if isinstance(qkv, LoRAQKVLinear) or not isinstance(qkv, nn.Linear):
-            raise ValueError(f"block {i}: expected a plain fused qkv nn.Linear, got {type(qkv).__name__}")
-        blk.attn.qkv = LoRAQKVLinear(qkv, rank, alpha)
+        try:
+            blk.attn.qkv = wrap_qkv(blk.attn.qkv, rank, alpha, method)
+        except ValueError as e:
+            raise ValueError(f"block {i}: {e}") from None
         layers.append(blk.attn.qkv)
     return layers
 
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every :class:`LoRAQKVLinear` in ``module`` on or off (off: exactly the base network)."""
+    """Switch every LoRA or DoRA qkv layer in ``module`` on or off (off: exactly the base network)."""
     for m in module.modules():
         if isinstance(m, LoRAQKVLinear):
             m.enabled = enabled

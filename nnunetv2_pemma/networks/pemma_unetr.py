@@ -12,7 +12,7 @@ from monai.networks.blocks import PatchEmbeddingBlock, UnetrBasicBlock
 from monai.networks.nets import UNETR
 
 from nnunetv2_pemma.errors import CheckpointError
-from nnunetv2_pemma.networks.lora import add_lora_to_vit
+from nnunetv2_pemma.networks.lora import ADAPTATION_METHODS, add_lora_to_vit
 from nnunetv2_pemma.networks.unetr import MODALITIES, check_img_size, enable_sdpa, unetr_kwargs
 
 __all__ = [
@@ -37,6 +37,7 @@ _ADAPTATION_KEYS = (
     "missing_modality",
     "modality_dropout",
 )
+_OPTIONAL_ADAPTATION_KEYS = ("method",)  # "lora" (the paper) when absent, or "dora"
 
 
 class IncompatibleBaseError(CheckpointError, ValueError):
@@ -45,10 +46,13 @@ class IncompatibleBaseError(CheckpointError, ValueError):
 
 def _check_adaptation(adaptation: Mapping[str, Any]) -> dict[str, Any]:
     missing = [k for k in _ADAPTATION_KEYS if k not in adaptation]
-    unknown = sorted(set(adaptation) - set(_ADAPTATION_KEYS))
+    unknown = sorted(set(adaptation) - set(_ADAPTATION_KEYS) - set(_OPTIONAL_ADAPTATION_KEYS))
     if missing or unknown:
         raise ValueError(f"preset 'adaptation' section: missing keys {missing}, unknown keys {unknown}")
     ad = dict(adaptation)
+    ad.setdefault("method", "lora")
+    if ad["method"] not in ADAPTATION_METHODS:
+        raise ValueError(f"method must be one of {ADAPTATION_METHODS}, got {ad['method']!r}")
     if ad["pet_init"] not in PET_INITS:
         raise ValueError(f"pet_init must be one of {PET_INITS}, got {ad['pet_init']!r}")
     if ad["missing_modality"] not in MISSING_MODALITY_MODES:
@@ -77,7 +81,7 @@ class PEMMAUNETR(UNETR):
     The base modules keep MONAI's names (``vit.*``, ``encoder1..4``, ``decoder2..5``, ``out``), so a CT UNETR
     state dict loads as is (:meth:`load_base_state_dict`). Added: ``pet_patch_embedding`` (PET tokens, with their
     own position embeddings), ``pet_encoder1`` (PET input skip, in parallel to ``encoder1``), ``pet_beta`` (skip
-    weight) and ``lora_*`` factors on Q and V of every attention layer.
+    weight) and ``lora_*`` factors on Q and V of every attention layer (plus ``lora_magnitude_*`` with DoRA).
 
     The encoder sees 2N tokens (CT then PET); only the first N reach the UNETR decoder, and the input skip is
     ``encoder1(ct) + pet_beta * pet_encoder1(pet)``.
@@ -95,7 +99,7 @@ class PEMMAUNETR(UNETR):
         Args:
             model: preset ``model`` section, the same as the CT base was built with.
             adaptation: preset ``adaptation`` section (lora_rank, lora_alpha, pet_init, beta, learnable_beta,
-                missing_modality, modality_dropout).
+                missing_modality, modality_dropout; optional method: "lora", the default, or "dora").
             out_channels: segmentation classes including background.
             img_size: training patch size (D, H, W), each a multiple of 16.
             input_modalities: modalities of the input channels, in order, e.g. ``("CT", "PET")`` or ``("CT",)``.
@@ -129,7 +133,7 @@ class PEMMAUNETR(UNETR):
             self.pet_beta = nn.Parameter(beta)
         else:
             self.register_buffer("pet_beta", beta)
-        add_lora_to_vit(self.vit, ad["lora_rank"], ad["lora_alpha"])
+        add_lora_to_vit(self.vit, ad["lora_rank"], ad["lora_alpha"], ad["method"])
         enable_sdpa(self.vit)
         self.pet_init: str = ad["pet_init"]
         self.missing_modality: str = ad["missing_modality"]
@@ -313,7 +317,7 @@ def _train_only(net: nn.Module, trainable: Callable[[str], bool]) -> list[str]:
 
 
 def pemma_trainable_parameter_names(net: nn.Module) -> list[str]:
-    """Parameters learned in multi-modal adaptation: PET patch embedding, PET skip, LoRA, learnable ``pet_beta``."""
+    """Parameters learned in multi-modal adaptation: PET patch embedding, PET skip, LoRA (DoRA), learnable beta."""
     return [name for name, _ in net.named_parameters() if is_pemma_parameter(name)]
 
 
@@ -323,7 +327,10 @@ def freeze_for_adaptation(net: nn.Module) -> list[str]:
 
 
 def freeze_for_continual(net: nn.Module) -> list[str]:
-    """Continual fine-tuning on new data (one or both modalities): only the LoRA factors train; return their names."""
+    """Continual fine-tuning on new data (one or both modalities): only the LoRA factors (and DoRA magnitudes) train.
+
+    Returns the trainable names.
+    """
     return _train_only(net, _is_lora)
 
 

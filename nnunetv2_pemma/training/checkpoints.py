@@ -16,7 +16,6 @@ import torch
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.plans import PEMMA_KEY
 
-_COMPARED_MODEL_KEYS = ("hidden_size", "mlp_dim", "num_heads", "feature_size", "proj_type", "qkv_bias")
 
 
 def pretrained_weights_in_flight() -> str | None:
@@ -58,12 +57,21 @@ def _checkpoint_patch_size(checkpoint: dict[str, Any]) -> list[int] | None:
     return list(PlansManager(init_args["plans"]).get_configuration(init_args["configuration"]).patch_size)
 
 
-def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, needs_adapters: bool
-                     ) -> dict[str, Any]:
-    """The checkpoint's "pemma" block; CheckpointError naming what differs from the network to be built.
+PATCH_EMBEDDING_KEY = "vit.patch_embedding.patch_embeddings.weight"
 
-    needs_adapters=False: the file must be a CT UNETR (the base of a PEMMA adaptation or an early-fusion model).
-    needs_adapters=True: the file must be a PEMMA model (PET embedding, PET skip, LoRA) for a continual update.
+
+def input_channels(checkpoint: dict[str, Any]) -> int | None:
+    """Input channels of the network in an nnU-Net checkpoint (None when it has no UNETR patch embedding)."""
+    weight = checkpoint["network_weights"].get(PATCH_EMBEDDING_KEY)
+    return None if weight is None else int(weight.shape[1])
+
+
+def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, expect: str
+                     ) -> dict[str, Any]:
+    """The checkpoint's "pemma" block; CheckpointError naming everything that differs from the network to build.
+
+    expect: "ct_base" (a CT-only UNETR: the start of a PEMMA or early-fusion adaptation), "pemma" (a PEMMA model,
+    for a continual update) or "early_fusion" (a two-channel early-fusion model, for a one-modality update).
     """
     checkpoint = load_checkpoint_file(path)
     trainer = checkpoint.get("trainer_name", "an unknown trainer")
@@ -71,23 +79,29 @@ def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[i
     if theirs is None:
         raise CheckpointError(f"{path}: written by {trainer} with a configuration that is not a PEMMA UNETR "
                               f"(no 'pemma' block in its plans); expected a UNETR trained with a PEMMA preset")
-    differences = [f"{k} {theirs['model'].get(k)} (checkpoint) vs {pemma['model'].get(k)} (this network)"
-                   for k in _COMPARED_MODEL_KEYS if theirs["model"].get(k) != pemma["model"].get(k)]
+    ours_model, their_model = pemma["model"], theirs["model"]
+    differences = [f"{k} {their_model.get(k)} (checkpoint) vs {ours_model.get(k)} (this network)"
+                   for k in sorted(set(ours_model) | set(their_model)) if their_model.get(k) != ours_model.get(k)]
     their_patch = _checkpoint_patch_size(checkpoint)
     if their_patch != list(patch_size):
         differences.append(f"patch size {their_patch} (checkpoint) vs {list(patch_size)} (this network)")
-    weights = checkpoint["network_weights"]
-    has_adapters = any("lora" in k for k in weights)
-    if needs_adapters and not has_adapters:
-        differences.append(f"no PEMMA adapters (LoRA, PET embedding): {trainer} wrote a plain UNETR; "
-                           f"train it with PEMMATrainer first")
-    if not needs_adapters:
-        if has_adapters:
-            differences.append(f"it already holds PEMMA adapters ({trainer}); a continual update uses "
-                               f"PEMMAContinualTrainer")
-        if theirs.get("input_modalities") != ["CT"]:
-            differences.append(f"input channels {theirs.get('input_modalities')} (checkpoint) vs ['CT'] "
-                               f"(the base must be a CT-only UNETR)")
+    has_adapters = any("lora" in k for k in checkpoint["network_weights"])
+    channels = input_channels(checkpoint)
+    if expect == "pemma":
+        if not has_adapters:
+            differences.append(f"no PEMMA adapters (LoRA, PET embedding): {trainer} wrote a plain UNETR; "
+                               f"train it with PEMMATrainer first")
+        elif theirs["adaptation"].get("method", "lora") != pemma["adaptation"].get("method", "lora"):
+            differences.append(f"adapter method {theirs['adaptation'].get('method', 'lora')} (checkpoint) vs "
+                               f"{pemma['adaptation'].get('method', 'lora')} (this network)")
+    elif has_adapters:
+        differences.append(f"it already holds PEMMA adapters ({trainer}); a continual update uses "
+                           f"PEMMAContinualTrainer")
+    elif expect == "ct_base" and (channels != 1 or theirs.get("input_modalities") != ["CT"]):
+        differences.append(f"input channels {theirs.get('input_modalities')} (checkpoint) vs ['CT'] "
+                           f"(the base must be a CT-only UNETR)")
+    elif expect == "early_fusion" and channels != 2:
+        differences.append(f"{channels} input channel(s) (checkpoint) vs 2 (an early-fusion model)")
     if differences:
         raise CheckpointError(f"{path} does not fit this network: " + "; ".join(differences))
     return theirs

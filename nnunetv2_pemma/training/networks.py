@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from nnunetv2_pemma.networks import PEMMAUNETR, build_unetr
+from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
 
 
 def build_plain_unetr(pemma: dict[str, Any], num_input_channels: int, num_outputs: int,
@@ -18,3 +19,8 @@ def build_plain_unetr(pemma: dict[str, Any], num_input_channels: int, num_output
 def build_pemma_unetr(pemma: dict[str, Any], num_outputs: int, patch_size: Sequence[int]) -> PEMMAUNETR:
     """PEMMA network with modality slots CT and PET, fed the dataset's channels (pemma['input_modalities'])."""
     return PEMMAUNETR(pemma["model"], pemma["adaptation"], num_outputs, patch_size, pemma["input_modalities"])
+
+
+def build_early_fusion_unetr(pemma: dict[str, Any], num_outputs: int, patch_size: Sequence[int]) -> EarlyFusionUNETR:
+    """Two-channel (CT, PET) UNETR fed the dataset's channels; an absent modality is a zero channel."""
+    return EarlyFusionUNETR(pemma["model"], num_outputs, patch_size, pemma["input_modalities"])

@@ -1,0 +1,97 @@
+"""Baselines through nnU-Net's commands on the session's phantom workflow: early fusion (from the CT base, then
+a CT-only update with the PET channel zero) and late fusion (CT model + PET-only model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights
+
+pytestmark = pytest.mark.slow
+
+PATCH_EMBEDDING = "vit.patch_embedding.patch_embeddings.weight"
+
+
+@pytest.fixture(scope="module")
+def early_fusion(workflow: dict) -> dict:
+    env = workflow["env"]
+    run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "EarlyFusionTrainer_zeroinit", "-device", "cpu",
+            "-pretrained_weights", str(workflow["base"])], env)
+    adapted = checkpoint_of(env, "Dataset502_HNC_CTPET_MDA", "EarlyFusionTrainer_zeroinit")
+    run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "EarlyFusionTrainer", "-device", "cpu",
+            "-pretrained_weights", str(adapted)], env)
+    return {"adapted": adapted, "updated": checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "EarlyFusionTrainer")}
+
+
+def test_early_fusion_widens_and_trains_the_whole_model(workflow: dict, early_fusion: dict) -> None:
+    base, fused = weights(workflow["base"]), weights(early_fusion["adapted"])
+    assert base.keys() == fused.keys()
+    assert base[PATCH_EMBEDDING].shape[1] == 1 and fused[PATCH_EMBEDDING].shape[1] == 2
+    same_shape = [k for k in base if base[k].shape == fused[k].shape and base[k].is_floating_point()]
+    changed = [k for k in same_shape if not torch.equal(base[k], fused[k])]
+    assert len(changed) > 0.9 * len(same_shape), "early fusion should fine-tune the whole model"
+
+
+def test_early_fusion_ct_only_update_changes_shared_weights(early_fusion: dict) -> None:
+    """The forgetting mechanism PEMMA avoids: a CT-only update rewrites weights the PET pathway depends on."""
+    before, after = weights(early_fusion["adapted"]), weights(early_fusion["updated"])
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["vit.blocks.0.attn.qkv.weight"], after["vit.blocks.0.attn.qkv.weight"])
+
+
+def test_early_fusion_refuses_a_pemma_checkpoint(workflow: dict) -> None:
+    proc = run_cli(["nnUNetv2_train", "502", CONFIG, "1", "-tr", "EarlyFusionTrainer", "-device", "cpu",
+                    "-pretrained_weights", str(workflow["adapted"])], workflow["env"])
+    assert proc.returncode != 0 and "already holds PEMMA adapters" in proc.stderr
+
+
+@pytest.mark.parametrize("modalities", [["CT", "PET"], ["PET"]])
+def test_early_fusion_predicts_from_any_subset(workflow: dict, early_fusion: dict, tmp_path: Path,
+                                               modalities: list[str]) -> None:
+    env = workflow["env"]
+    images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    (tmp_path / "in").mkdir()
+    for i, m in enumerate(modalities):
+        (tmp_path / "in" / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
+    run_ok(["pemma", "predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", CONFIG,
+            "-tr", "EarlyFusionTrainer_zeroinit", "-f", "0", "-device", "cpu", "--disable_tta", "--modalities",
+            *modalities], env)
+    pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
+    assert set(np.unique(pred)) <= {0, 1, 2}
+
+
+def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Path) -> None:
+    env = workflow["env"]
+    data = workflow["root"] / "hecktor"
+    run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "505", "--name", "HNC_PET_MDA",
+            "--centers", "MDA", "--modalities", "PET"], env)
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "505", "-c", "3d_fullres", "-np", "1"], env)
+    run_ok(["pemma", "plans", "add", "505", "--preset", "tiny"], env)
+    run_ok(["nnUNetv2_train", "505", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)
+
+    images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    (tmp_path / "in").mkdir()
+    for f in images.glob(f"{case}_000*.nii.gz"):
+        (tmp_path / "in" / f.name).symlink_to(f)
+    outputs = {}
+    for w in ("1.0", "0.0", "0.5"):
+        out = tmp_path / f"out_{w}"
+        run_ok(["pemma", "predict-late-fusion", "-i", str(tmp_path / "in"), "-o", str(out), "--modalities", "CT",
+                "PET", "--ct-model", "501", "UNETRTrainer", CONFIG, "--pet-model", "505", "UNETRTrainer", CONFIG,
+                "--w-ct", w, "-device", "cpu", "--disable_tta"], env)
+        outputs[w] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+    ct_only, ct_in = tmp_path / "ct_only", tmp_path / "ct_in"
+    ct_in.mkdir()
+    (ct_in / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_0000.nii.gz")
+    run_ok(["pemma", "predict", "-i", str(ct_in), "-o", str(ct_only), "-d", "501", "-c", CONFIG,
+            "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--disable_tta"], env)
+    # w_C = 1: the fused output is the CT model's alone
+    assert np.array_equal(outputs["1.0"], sitk.GetArrayFromImage(sitk.ReadImage(str(ct_only / f"{case}.nii.gz"))))
+    assert set(np.unique(outputs["0.5"])) <= {0, 1, 2}
