@@ -71,10 +71,49 @@ def _merge_adapter(args: argparse.Namespace) -> None:
     print(merge_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.demo import run_demo
+def _reproduce(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.evaluation.reproduce import run_reproduce
 
-    print(run_demo(Path(args.out), cases_per_center=args.cases_per_center, size=args.size, device=args.device))
+    print(run_reproduce(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
+                        phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
+                        gpus=args.gpus))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.evaluation.reproduce import run_reproduce
+
+    print(run_reproduce(Path(args.out), "tiny", hecktor=None, phantom_cases=args.cases_per_center,
+                        phantom_size="small", device="cpu"))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.evaluation.metrics import evaluate_folders
+
+    print(evaluate_folders(Path(args.pred), Path(args.gt), json_out=Path(args.json) if args.json else None,
+                           allow_missing=args.allow_missing))
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="Dice, HD95, volumes and HECKTOR's aggregated Dice of a prediction folder",
+                       description="Per case and label (GTVp, GTVn): Dice, HD95 (mm), volumes; means over cases; "
+                                   "HECKTOR 2022's aggregated Dice (DSCagg) per label and their mean.")
+    p.add_argument("--pred", required=True, help="predicted masks (CASE.nii.gz)")
+    p.add_argument("--gt", required=True, help="reference masks with the same geometry")
+    p.add_argument("--json", default=None, help="write all numbers to this JSON file")
+    p.add_argument("--allow-missing", action="store_true", help="score only cases present in both folders")
+    p.set_defaults(func=_evaluate)
+
+
+def _parameters(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.evaluation.parameters import format_parameter_table, measure
+
+    print(format_parameter_table(measure(args.preset)))
+
+
+def _add_parameters(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("parameters", help="trainable/total parameters of each method at a preset's size")
+    p.add_argument("--preset", default="paper")
+    p.set_defaults(func=_parameters)
 
 
 def _add_phantom(sub: argparse._SubParsersAction) -> None:
@@ -178,20 +217,37 @@ def _add_merge_adapter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge_adapter)
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the README workflow on phantom data with the tiny preset (main job)",
-                       description="Phantom -> CT base -> PEMMA adaptation -> CT-only continual update through "
-                                   "nnU-Net's commands, then a Dice table of C/P/CP inference. Resumable.")
-    p.add_argument("--out", default="pemma_demo", help="output folder (holds its own nnU-Net folders)")
-    p.add_argument("--cases-per-center", type=int, default=6)
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the PEMMA paper's protocol (Table 1 split, Table 2 matrix), resumable",
+                       description="CT base -> MDA adaptation -> HGJ and HMR updates (C and CP) for PEMMA, early "
+                                   "and late fusion through nnU-Net's commands; CP/C/P inference on each stage's "
+                                   "validation cases; Table 2 as Markdown, CSV and PNG. A finished job is not redone.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
+    source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
+    p.add_argument("--preset", default="tiny", help="tiny (CPU) or paper")
+    p.add_argument("--out", required=True, help="output folder (holds its own nnU-Net folders)")
+    p.add_argument("--cases-per-center", type=int, default=6, help="phantom cases per centre")
     p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                   help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
+    p.set_defaults(func=_reproduce)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="main job: `pemma reproduce --phantom --preset tiny` on 2 CPU cores",
+                       description="The paper's protocol on built-in phantom data with the tiny preset, on CPU. "
+                                   "Resumable; ends with Table 2 on screen.")
+    p.add_argument("--out", default="pemma_demo", help="output folder")
+    p.add_argument("--cases-per-center", type=int, default=6)
     p.set_defaults(func=_demo)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_phantom, _add_convert, _add_plans,
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_reproduce, _add_phantom, _add_convert, _add_plans,
                                                                      _add_predict, _add_predict_late_fusion,
-                                                                     _add_merge_adapter)
+                                                                     _add_merge_adapter, _add_evaluate,
+                                                                     _add_parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,6 +63,13 @@ class UNETRTrainer(nnUNetTrainer):
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """UNETR has one output head: nothing to switch."""
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """As nnU-Net, but without test-time mirroring when the preset says so (training still mirrors)."""
+        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if not self.pemma["schedule"].get("test_time_mirroring", True):
+            self.inference_allowed_mirroring_axes = None
+        return configured
+
 
 class AdaptingTrainer(UNETRTrainer):
     """Starts from a trained model (`-pretrained_weights`) and changes the network once its weights are in.

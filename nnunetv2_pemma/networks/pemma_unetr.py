@@ -12,7 +12,7 @@ from monai.networks.blocks import PatchEmbeddingBlock, UnetrBasicBlock
 from monai.networks.nets import UNETR
 
 from nnunetv2_pemma.errors import CheckpointError
-from nnunetv2_pemma.networks.lora import ADAPTATION_METHODS, add_lora_to_vit
+from nnunetv2_pemma.networks.lora import ADAPTATION_METHODS, LoRAQKVLinear, add_lora_to_vit
 from nnunetv2_pemma.networks.unetr import MODALITIES, check_img_size, enable_sdpa, unetr_kwargs
 
 __all__ = [
@@ -163,7 +163,15 @@ class PEMMAUNETR(UNETR):
                 + "; ".join(problems)
             )
         self.load_state_dict(state_dict, strict=False)
+        self.reset_adapters()
         self.init_pet_modules()
+
+    def reset_adapters(self) -> None:
+        """Re-initialise every qkv adapter against the newly loaded base: LoRA B = 0 and, for DoRA, magnitudes at
+        the base rows' norms (those set at construction were the norms of the random weights now replaced)."""
+        for m in self.modules():
+            if isinstance(m, LoRAQKVLinear):
+                m.reset_lora_parameters()
 
     @torch.no_grad()
     def init_pet_modules(self) -> None:

@@ -1,0 +1,67 @@
+"""Trainable and total parameters of each adaptation method at a preset's size (CPU, no forward pass), and the
+size of a PEMMA adapter file next to a full nnU-Net checkpoint of the same network (`pemma parameters`)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nnunetv2_pemma.adaptation.adapter import is_adapter_key
+from nnunetv2_pemma.networks import PEMMAUNETR, build_unetr, count_parameters, freeze_for_adaptation
+from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
+from nnunetv2_pemma.plans import load_preset
+
+NUM_CLASSES = 3  # background, GTVp, GTVn
+
+
+def _checkpoint_bytes(network: torch.nn.Module) -> int:
+    """Bytes of an nnU-Net-style checkpoint: weights plus AdamW state (two moments) for the trainable ones."""
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    buffer = io.BytesIO()
+    torch.save({"network_weights": network.state_dict(), "optimizer_state": optimizer.state_dict()}, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def measure(preset_name: str) -> list[dict]:
+    preset = load_preset(preset_name)
+    model, patch = preset["model"], preset["patch_size"]
+    base = build_unetr(model, 1, NUM_CLASSES, patch)
+    phi, _ = count_parameters(base)
+    pemma = PEMMAUNETR(model, preset["adaptation"], NUM_CLASSES, patch, ("CT", "PET"))
+    freeze_for_adaptation(pemma)
+    pemma_total, pemma_trainable = count_parameters(pemma)
+    early = EarlyFusionUNETR(model, NUM_CLASSES, patch)
+    early_total, _ = count_parameters(early)
+    rows = [
+        {"method": "CT UNETR (base, Phi)", "trainable": phi, "total": phi, "paper": "Phi = 92.58M"},
+        {"method": "Early fusion", "trainable": early_total, "total": early_total, "paper": "1.0043 x Phi"},
+        {"method": "Late fusion (CT + PET UNETR)", "trainable": phi, "total": 2 * phi, "paper": "2 x Phi"},
+        {"method": f"PEMMA ({preset['adaptation'].get('method', 'lora')}, r={preset['adaptation']['lora_rank']})",
+         "trainable": pemma_trainable, "total": pemma_total, "paper": "0.08 x Phi"},
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter.safetensors"
+        save_file({k: v.contiguous() for k, v in pemma.state_dict().items() if is_adapter_key(k)}, str(adapter))
+        rows[-1]["adapter_bytes"] = adapter.stat().st_size
+        rows[-1]["checkpoint_bytes"] = _checkpoint_bytes(pemma)
+    for r in rows:
+        r["trainable_over_phi"] = r["trainable"] / phi
+    return rows
+
+
+def format_parameter_table(rows: list[dict]) -> str:
+    lines = ["| method | trainable | total | trainable / Phi | paper |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {r['trainable_over_phi']:.4f} | {r['paper']} |"
+              for r in rows]
+    p = rows[-1]
+    lines.append(f"\nPEMMA adapter file {p['adapter_bytes'] / 2**20:.1f} MiB vs full checkpoint (weights + AdamW "
+                 f"state) {p['checkpoint_bytes'] / 2**20:.1f} MiB: ratio {p['adapter_bytes'] / p['checkpoint_bytes']:.4f}")
+    return "\n".join(lines)
