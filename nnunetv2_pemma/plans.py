@@ -238,10 +238,11 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
             _set_channel_normalisation(configuration, [
                 source_schemes[source_modalities.index(m)] if m in source_modalities else PET_NORMALIZATION
                 for m in target_modalities])
-    pemma_cfg = copy.deepcopy(plans["configurations"][config_name])
-    pemma_cfg[PEMMA_KEY]["input_modalities"] = target_modalities
-    plans["configurations"][config_name] = pemma_cfg
-    pemma_cfg[PEMMA_KEY]["modality_normalization"] = modality_normalization(plans, config_name, target_modalities)
+    for name, configuration in plans["configurations"].items():
+        if PEMMA_KEY in configuration:
+            configuration[PEMMA_KEY]["input_modalities"] = target_modalities
+            configuration[PEMMA_KEY]["modality_normalization"] = modality_normalization(plans, name,
+                                                                                        target_modalities)
     _save_json(plans, target_plans_file)
     splits = _write_splits(target_name, target_folder)
     if preprocess:

@@ -14,14 +14,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_pemma.adaptation.adapter import ADAPTER_FILE, save_adapter
-from nnunetv2_pemma.errors import CheckpointError
+from nnunetv2_pemma.errors import CheckpointError, PlansError
 from nnunetv2_pemma.networks import freeze_for_adaptation, freeze_for_continual
-from nnunetv2_pemma.plans import PEMMA_KEY
 from nnunetv2_pemma.networks.early_fusion import widen_to_two_channels
+from nnunetv2_pemma.plans import PEMMA_KEY
 from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization, input_channels,
                                                  load_checkpoint_file, pretrained_weights_in_flight)
 from nnunetv2_pemma.training.config import epochs_from_schedule, pemma_config
-from nnunetv2_pemma.training.networks import build_early_fusion_unetr, build_pemma_unetr, build_plain_unetr
+from nnunetv2_pemma.training.networks import (architecture, build_early_fusion_unetr, build_pemma_network,
+                                              build_plain_network)
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
@@ -35,10 +36,15 @@ class UNETRTrainer(nnUNetTrainer):
     """MONAI UNETR from the plans preset (any number of input channels): no deep supervision, AdamW and the
     preset's iteration budget and learning-rate schedule."""
 
+    architecture = "UNETR"
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.pemma = pemma_config(self.configuration_manager)
+        if architecture(self.pemma) != self.architecture:
+            raise PlansError(f"{type(self).__name__} trains a {self.architecture}, but configuration {configuration} "
+                             f"holds a {architecture(self.pemma)} preset; pick the trainer of that architecture")
         schedule = self.pemma["schedule"]
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
             epochs_from_schedule(schedule)
@@ -49,7 +55,7 @@ class UNETRTrainer(nnUNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_plain_unetr(pemma_config(configuration_manager), num_input_channels, num_output_channels,
+        return build_plain_network(pemma_config(configuration_manager), num_input_channels, num_output_channels,
                                  configuration_manager.patch_size)
 
     def _set_pemma(self, section: str | None, key: str, value) -> None:
@@ -99,7 +105,7 @@ class AdaptingTrainer(UNETRTrainer):
 
     def _build_ct_base(self, plans_manager, configuration_manager, num_input_channels: int,
                        num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_plain_unetr(self.pemma, 1, num_output_channels, configuration_manager.patch_size)
+        return build_plain_network(self.pemma, 1, num_output_channels, configuration_manager.patch_size)
 
     def initialize(self):
         pretrained = pretrained_weights_in_flight()
@@ -170,7 +176,7 @@ class PEMMATrainer(AdaptingTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_pemma_unetr(pemma_config(configuration_manager), num_output_channels,
+        return build_pemma_network(pemma_config(configuration_manager), num_output_channels,
                                  configuration_manager.patch_size)
 
     def convert(self, ct_base: nn.Module) -> nn.Module:
@@ -246,6 +252,25 @@ class EarlyFusionTrainer(AdaptingTrainer):
         fused.load_state_dict(widen_to_two_channels(ct_base.state_dict(), fused.state_dict(),
                                                     self.pemma["adaptation"]["pet_init"]))
         return fused
+
+
+class SwinUNETRTrainer(UNETRTrainer):
+    """MONAI SwinUNETR from the plans preset (e.g. `--preset swin`): the CT base of the Swin variant."""
+
+    architecture = "SwinUNETR"
+
+
+class PEMMASwinTrainer(PEMMATrainer):
+    """PEMMA on SwinUNETR: a PET patch embedding fused with CT's by a 1x1x1 convolution before the Swin stages,
+    a PET input skip and LoRA/DoRA (the preset's adaptation.method) on every window attention's qkv."""
+
+    architecture = "SwinUNETR"
+
+
+class PEMMASwinContinualTrainer(PEMMAContinualTrainer):
+    """Continual update of a PEMMA SwinUNETR: only the LoRA/DoRA parameters train."""
+
+    architecture = "SwinUNETR"
 
 
 class PEMMATrainer_zeroinit(PEMMATrainer):

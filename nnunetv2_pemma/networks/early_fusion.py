@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from monai.networks.nets import UNETR
 
-from nnunetv2_pemma.networks.unetr import MODALITIES, check_img_size, enable_sdpa, unetr_kwargs
+from nnunetv2_pemma.networks.unetr import (MODALITIES, check_img_size, enable_sdpa, freeze_unused_norms,
+                                           unetr_kwargs)
 
 PET_INITS = ("random", "zero", "cross")
 
@@ -28,6 +29,7 @@ class EarlyFusionUNETR(UNETR):
         super().__init__(in_channels=len(MODALITIES), out_channels=out_channels, img_size=check_img_size(img_size),
                          **unetr_kwargs(model))
         enable_sdpa(self.vit)
+        freeze_unused_norms(self.vit)
         self.set_input_modalities(input_modalities)
 
     def set_input_modalities(self, modalities: Sequence[str]) -> None:

@@ -13,7 +13,8 @@ from monai.networks.nets import UNETR
 
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.lora import ADAPTATION_METHODS, LoRAQKVLinear, add_lora_to_vit
-from nnunetv2_pemma.networks.unetr import MODALITIES, check_img_size, enable_sdpa, unetr_kwargs
+from nnunetv2_pemma.networks.unetr import (MODALITIES, check_img_size, enable_sdpa, freeze_unused_norms,
+                                           unetr_kwargs)
 
 __all__ = [
     "IncompatibleBaseError",
@@ -135,6 +136,7 @@ class PEMMAUNETR(UNETR):
             self.register_buffer("pet_beta", beta)
         add_lora_to_vit(self.vit, ad["lora_rank"], ad["lora_alpha"], ad["method"])
         enable_sdpa(self.vit)
+        freeze_unused_norms(self.vit)
         self.pet_init: str = ad["pet_init"]
         self.missing_modality: str = ad["missing_modality"]
         self.modality_dropout: tuple[float, float, float] | None = ad["modality_dropout"]

@@ -8,7 +8,8 @@ from typing import Any
 from monai.networks.nets import UNETR
 from monai.networks.nets.vit import ViT
 
-__all__ = ["MODALITIES", "UNETR_PATCH_SIZE", "build_unetr", "check_img_size", "enable_sdpa", "unetr_kwargs"]
+__all__ = ["MODALITIES", "UNETR_PATCH_SIZE", "build_unetr", "check_img_size", "enable_sdpa", "freeze_unused_norms",
+           "unetr_kwargs"]
 
 MODALITIES = ("CT", "PET")
 """Modalities PEMMA knows, in the default channel order: the base model is CT-only, PET is added."""
@@ -63,6 +64,14 @@ def enable_sdpa(vit: ViT) -> None:
             blk.attn.use_flash_attention = True
 
 
+def freeze_unused_norms(vit: ViT) -> None:
+    """MONAI's TransformerBlock always creates ``norm_cross_attn``; without cross-attention it is never used.
+    Unused trainable parameters make DistributedDataParallel fail, so they do not train."""
+    for blk in vit.blocks:
+        if not blk.with_cross_attention:
+            blk.norm_cross_attn.requires_grad_(False)
+
+
 def build_unetr(model: Mapping[str, Any], in_channels: int, out_channels: int, img_size: Sequence[int]) -> UNETR:
     """Plain MONAI UNETR (state-dict names are MONAI's), e.g. the CT-only base that PEMMA adapts.
 
@@ -76,4 +85,5 @@ def build_unetr(model: Mapping[str, Any], in_channels: int, out_channels: int, i
         in_channels=in_channels, out_channels=out_channels, img_size=check_img_size(img_size), **unetr_kwargs(model)
     )
     enable_sdpa(net.vit)
+    freeze_unused_norms(net.vit)
     return net

@@ -57,13 +57,15 @@ def _checkpoint_patch_size(checkpoint: dict[str, Any]) -> list[int] | None:
     return list(PlansManager(init_args["plans"]).get_configuration(init_args["configuration"]).patch_size)
 
 
-PATCH_EMBEDDING_KEY = "vit.patch_embedding.patch_embeddings.weight"
+PATCH_EMBEDDING_KEYS = ("vit.patch_embedding.patch_embeddings.weight", "swinViT.patch_embed.proj.weight")
 
 
 def input_channels(checkpoint: dict[str, Any]) -> int | None:
-    """Input channels of the network in an nnU-Net checkpoint (None when it has no UNETR patch embedding)."""
-    weight = checkpoint["network_weights"].get(PATCH_EMBEDDING_KEY)
-    return None if weight is None else int(weight.shape[1])
+    """Input channels of the network in an nnU-Net checkpoint (None without a UNETR/SwinUNETR patch embedding)."""
+    for key in PATCH_EMBEDDING_KEYS:
+        if key in checkpoint["network_weights"]:
+            return int(checkpoint["network_weights"][key].shape[1])
+    return None
 
 
 def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, expect: str

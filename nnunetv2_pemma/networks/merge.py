@@ -1,0 +1,47 @@
+"""Fold LoRA / DoRA into the fused ``qkv`` weights for inference.
+
+After :func:`merge_lora_for_inference` every attention layer is a plain ``nn.Linear`` again: the low-rank
+branches cost nothing at inference, and the network computes what it did before (within float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+import torch.nn as nn
+
+from nnunetv2_pemma.networks.lora import LoRAQKVLinear
+
+__all__ = ["merge_lora_for_inference"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@torch.no_grad()
+def merge_lora_for_inference(net: M) -> M:
+    """Replace every :class:`LoRAQKVLinear` / ``DoRAQKVLinear`` in ``net`` by a plain ``nn.Linear`` whose weight
+    is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight).
+
+    The base parameters keep their state-dict names (``...attn.qkv.weight``, ``...attn.qkv.bias``); the
+    ``lora_*`` tensors are gone, so the merged network no longer loads adapter files or trains its adapters:
+    merge a copy (``copy.deepcopy``) when the original is still needed. ``requires_grad`` of the base weight and
+    bias is kept.
+
+    Returns:
+        ``net`` itself (modified in place), for chaining.
+    """
+    targets = [(name, m) for name, m in net.named_modules() if isinstance(m, LoRAQKVLinear)]
+    if any(not name for name, _ in targets):
+        raise TypeError("cannot merge a LoRA layer in place of itself: use nn.Linear with its merged_weight()")
+    for name, layer in targets:
+        weight = layer.merged_weight().detach().to(dtype=layer.weight.dtype)
+        merged = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        merged.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
+        if layer.bias is not None:
+            merged.bias = layer.bias  # unchanged by LoRA / DoRA (DoRA rescales the weight only)
+        merged.train(layer.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, merged)
+    return net
