@@ -47,8 +47,12 @@ def plans_for_modalities(plans: dict[str, Any], dataset_json: dict[str, Any], co
 
 
 def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: Sequence[str] | None,
-                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cpu", tta: bool = True):
-    """An initialised nnUNetPredictor for the model in `model_folder`, fed `modalities` (default: as trained)."""
+                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cpu", tta: bool = True,
+                    missing_modality: str | None = None):
+    """An initialised nnUNetPredictor for the model in `model_folder`, fed `modalities` (default: as trained).
+
+    missing_modality: override how a PEMMA network fills an absent modality ("zero" or "drop").
+    """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -66,6 +70,11 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
     trainer_name = checkpoints[0]["trainer_name"]
     if modalities is not None and [m.upper() for m in modalities] != channel_modalities(dataset_json):
         plans, dataset_json = plans_for_modalities(plans, dataset_json, configuration, modalities)
+    if missing_modality is not None:
+        block = plans["configurations"][configuration].get(PEMMA_KEY)
+        if block is None or "missing_modality" not in block["adaptation"]:
+            raise PlansError(f"--missing-modality applies to PEMMA models; {trainer_name} is not one")
+        block["adaptation"]["missing_modality"] = missing_modality
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     trainer_class = recursive_find_trainer_class_by_name(trainer_name)
@@ -74,8 +83,9 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
     if modalities is not None and not hasattr(network, "set_input_modalities"):
+        trained = channel_modalities(json.loads((model_folder / "dataset.json").read_text()))
         raise PlansError(f"{trainer_name} builds a network without modality slots; it takes exactly the channels "
-                         f"it was trained with: {channel_modalities(json.loads((model_folder / 'dataset.json').read_text()))}")
+                         f"it was trained with: {trained}")
     predictor = nnUNetPredictor(use_mirroring=tta, device=torch.device(device), verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=True)
     predictor.manual_initialization(network, plans_manager, configuration_manager,
@@ -93,10 +103,11 @@ def model_folder_of(dataset: str | int, trainer: str, configuration: str, plans_
 def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration: str, trainer: str,
             folds: Sequence[int | str], modalities: Sequence[str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
-            device: str = "cpu", tta: bool = True, crop_records: Path | None = None) -> list[Path]:
+            device: str = "cpu", tta: bool = True, crop_records: Path | None = None,
+            missing_modality: str | None = None) -> list[Path]:
     """Predict every case in `input_dir`; with `crop_records`, put the masks back into the original CT grid."""
     model_folder = model_folder_of(dataset, trainer, configuration, plans_identifier)
-    predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta)
+    predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta, missing_modality)
     target = output_dir if crop_records is None else output_dir / "cropped_grid"
     target.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files(str(input_dir), str(target), save_probabilities=False, overwrite=True,

@@ -51,8 +51,8 @@ def _one_modality_folder(input_dir: Path, cases: list[str], channel: int, folder
 
 def _predict(model: ModelRef, inputs: Path, out: Path, device: str, tta: bool, probabilities: bool) -> None:
     predictor = build_predictor(model.folder(), model.folds, None, device=device, tta=tta)
-    predictor.predict_from_files(str(inputs), str(out), save_probabilities=probabilities, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    # in-process: worker pools would each import torch again, which costs more than a few cases take
+    predictor.predict_from_files_sequential(str(inputs), str(out), save_probabilities=probabilities, overwrite=True)
 
 
 def predict_late_fusion(input_dir: Path, output_dir: Path, modalities: Sequence[str], ct_model: ModelRef | None,

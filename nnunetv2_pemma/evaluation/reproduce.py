@@ -30,7 +30,8 @@ from nnunetv2_pemma.plans import load_preset
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {"GTVp": 1, "GTVn": 2}
 INFER = {"CP": ("CT", "PET"), "C": ("CT",), "P": ("PET",)}
-METHODS = ("Late fusion", "Early fusion", "PEMMA")
+METHODS = ("Late fusion", "Early fusion", "PEMMA", "PEMMA (drop)")
+DROP = "PEMMA (drop)"  # the PEMMA models, with an absent modality's tokens left out instead of a zero image
 PRETRAINING = ("CHUM", "CHUP", "CHUS", "CHUV")
 NEW_CENTRES = {"New dataset 1": ("HGJ", 510), "New dataset 2": ("HMR", 520)}
 TABLE_COLUMNS = [("Multimodal adaptation", "CP")] + [(s, t) for s in NEW_CENTRES for t in ("C", "CP")]
@@ -246,7 +247,8 @@ def _link_inputs(protocol: Protocol, stage: str, cases: list[str]) -> dict[str, 
     return folders
 
 
-def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Path, tta: bool) -> None:
+def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Path, tta: bool,
+             missing_modality: str | None = None) -> None:
     from nnunetv2_pemma.inference import build_predictor, model_folder_of
     from nnunetv2_pemma.late_fusion import ModelRef, predict_late_fusion
 
@@ -259,9 +261,9 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
         predict_late_fusion(inputs, out, INFER[infer], ct, pet, w_ct=0.5, device=protocol.device, tta=tta)
         return
     predictor = build_predictor(folder(model.dataset, model.trainer), [0], list(INFER[infer]),
-                                device=protocol.device, tta=tta)
-    predictor.predict_from_files(str(inputs), str(out), save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+                                device=protocol.device, tta=tta, missing_modality=missing_modality)
+    # in-process: worker pools would each import torch again, which costs more than a few cases take
+    predictor.predict_from_files_sequential(str(inputs), str(out), save_probabilities=False, overwrite=True)
 
 
 def score_models(protocol: Protocol, tta: bool) -> list[dict]:
@@ -275,13 +277,20 @@ def score_models(protocol: Protocol, tta: bool) -> list[dict]:
     for model in models:
         cases = validation_cases(protocol, model.stage)
         folders = _link_inputs(protocol, model.stage, cases)
-        for infer in INFER:
-            out = protocol.out / "evaluation" / _stage_slug(model.stage) / f"{model.method}_{model.train}_{infer}"
+        variants = [(model.method, None)] + ([(DROP, "drop")] if model.method == "PEMMA" else [])
+        for (method, missing), infer in ((v, i) for v in variants for i in INFER):
+            if missing == "drop" and infer == "CP":  # nothing is absent: the same network as PEMMA's CP
+                same = next(r for r in rows if (r["method"], r["stage"], r["train"], r["infer"])
+                            == (model.method, model.stage, model.train, "CP"))
+                rows.append({**same, "method": method})
+                continue
+            slug = method.replace(" ", "_").replace("(", "").replace(")", "")
+            out = protocol.out / "evaluation" / _stage_slug(model.stage) / f"{slug}_{model.train}_{infer}"
             if not all((out / f"{c}.nii.gz").exists() for c in cases):
-                _predict(protocol, model, infer, folders[infer], out, tta)
+                _predict(protocol, model, infer, folders[infer], out, tta, missing)
             result = evaluate_folders(out, folders["gt"], LABELS)
             tumour, lymph = (result.mean[label]["dice"] for label in LABELS)
-            rows.append({"method": model.method, "stage": model.stage, "train": model.train, "infer": infer,
+            rows.append({"method": method, "stage": model.stage, "train": model.train, "infer": infer,
                          "cases": len(cases), "Tumor": tumour, "Lymph": lymph,
                          "Avg": float(np.nanmean([tumour, lymph])) if not np.isnan([tumour, lymph]).all() else np.nan,
                          "DSCagg": result.aggregated_dice_mean})

@@ -12,11 +12,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from monai.networks.nets import UNETR
 
+from nnunetv2_pemma.networks.pemma_unetr import PET_INITS, PEMMAUNETR
 from nnunetv2_pemma.networks.unetr import (MODALITIES, check_img_size, enable_sdpa, freeze_unused_norms,
                                            unetr_kwargs)
-
-PET_INITS = ("random", "zero", "cross")
-
 
 class EarlyFusionUNETR(UNETR):
     """MONAI UNETR with input channels (CT, PET); a modality absent from the input is a zero channel.
@@ -32,12 +30,7 @@ class EarlyFusionUNETR(UNETR):
         freeze_unused_norms(self.vit)
         self.set_input_modalities(input_modalities)
 
-    def set_input_modalities(self, modalities: Sequence[str]) -> None:
-        """Declare which modalities the input channels hold, in order."""
-        mods = tuple(modalities)
-        if not mods or len(set(mods)) != len(mods) or not set(mods) <= set(MODALITIES):
-            raise ValueError(f"input modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
-        self.input_modalities = mods
+    set_input_modalities = PEMMAUNETR.set_input_modalities  # same validation of modality names
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         """x_in: (B, len(input_modalities), D, H, W) -> logits (B, out_channels, D, H, W)."""
