@@ -51,7 +51,7 @@ def _predict(args: argparse.Namespace) -> None:
     written = predict(Path(args.i), Path(args.o), args.d, args.c, args.tr, folds, modalities=args.modalities,
                       plans_identifier=args.p, checkpoint_name=args.chk, device=args.device,
                       tta=not args.disable_tta, crop_records=Path(args.crop_records) if args.crop_records else None,
-                      missing_modality=args.missing_modality)
+                      missing_modality=args.missing_modality, num_processes=args.np)
     print(f"{len(written)} predictions in {args.o}")
 
 
@@ -187,6 +187,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
     p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
                    help="modalities of the input channels in order, e.g. PET or CT PET (default: as trained)")
+    p.add_argument("-np", type=int, default=3,
+                   help="preprocessing and export worker processes (0: all in this process, quicker for few cases)")
     p.add_argument("--missing-modality", choices=("zero", "drop"), default=None,
                    help="how a PEMMA model fills an absent modality (default: as trained; the paper: zero)")
     p.add_argument("--crop-records", default=None,

@@ -104,14 +104,22 @@ def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration
             folds: Sequence[int | str], modalities: Sequence[str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
             device: str = "cpu", tta: bool = True, crop_records: Path | None = None,
-            missing_modality: str | None = None) -> list[Path]:
-    """Predict every case in `input_dir`; with `crop_records`, put the masks back into the original CT grid."""
+            missing_modality: str | None = None, num_processes: int = 3) -> list[Path]:
+    """Predict every case in `input_dir`; with `crop_records`, put the masks back into the original CT grid.
+
+    num_processes: nnU-Net's preprocessing and export workers; 0 predicts in this process (quicker for a few
+    cases, since each worker imports torch again).
+    """
     model_folder = model_folder_of(dataset, trainer, configuration, plans_identifier)
     predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta, missing_modality)
     target = output_dir if crop_records is None else output_dir / "cropped_grid"
     target.mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files(str(input_dir), str(target), save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    if num_processes == 0:
+        predictor.predict_from_files_sequential(str(input_dir), str(target), save_probabilities=False, overwrite=True)
+    else:
+        predictor.predict_from_files(str(input_dir), str(target), save_probabilities=False, overwrite=True,
+                                     num_processes_preprocessing=num_processes,
+                                     num_processes_segmentation_export=num_processes)
     written = sorted(target.glob("*.nii.gz"))
     if crop_records is None:
         return written

@@ -52,6 +52,7 @@ def _one_modality_folder(input_dir: Path, cases: list[str], channel: int, folder
 def _predict(model: ModelRef, inputs: Path, out: Path, device: str, tta: bool, probabilities: bool) -> None:
     predictor = build_predictor(model.folder(), model.folds, None, device=device, tta=tta)
     # in-process: worker pools would each import torch again, which costs more than a few cases take
+    out.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(str(inputs), str(out), save_probabilities=probabilities, overwrite=True)
 
 

@@ -60,7 +60,7 @@ def test_early_fusion_predicts_from_any_subset(workflow: dict, early_fusion: dic
     (tmp_path / "in").mkdir()
     for i, m in enumerate(modalities):
         (tmp_path / "in" / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
-    run_ok(["pemma", "predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", CONFIG,
+    run_ok(["pemma", "predict", "-np", "0", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", CONFIG,
             "-tr", "EarlyFusionTrainer_zeroinit", "-f", "0", "-device", "cpu", "--disable_tta", "--modalities",
             *modalities], env)
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz")))
@@ -72,8 +72,7 @@ def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Pat
     data = workflow["root"] / "hecktor"
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "505", "--name", "HNC_PET_MDA",
             "--centers", "MDA", "--modalities", "PET"], env)
-    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "505", "-c", "3d_fullres", "-np", "1"], env)
-    run_ok(["pemma", "plans", "add", "505", "--preset", "tiny"], env)
+    run_ok(["pemma", "plans", "transfer", "501", "505", "--preset", "tiny"], env)
     run_ok(["nnUNetv2_train", "505", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)
 
     images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
@@ -91,7 +90,7 @@ def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Pat
     ct_only, ct_in = tmp_path / "ct_only", tmp_path / "ct_in"
     ct_in.mkdir()
     (ct_in / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_0000.nii.gz")
-    run_ok(["pemma", "predict", "-i", str(ct_in), "-o", str(ct_only), "-d", "501", "-c", CONFIG,
+    run_ok(["pemma", "predict", "-np", "0", "-i", str(ct_in), "-o", str(ct_only), "-d", "501", "-c", CONFIG,
             "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--disable_tta"], env)
     # w_C = 1: the fused output is the CT model's alone
     assert np.array_equal(outputs["1.0"], sitk.GetArrayFromImage(sitk.ReadImage(str(ct_only / f"{case}.nii.gz"))))
@@ -140,7 +139,7 @@ def test_swin_workflow_runs_unchanged(workflow: dict, tmp_path: Path) -> None:
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_0001.nii.gz")
-    run_ok(["pemma", "predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "503", "-c", swin,
+    run_ok(["pemma", "predict", "-np", "0", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "503", "-c", swin,
             "-tr", "PEMMASwinContinualTrainer", "-f", "0", "-device", "cpu", "--modalities", "PET"], env)
     assert (tmp_path / "out" / f"{case}.nii.gz").is_file()
     proc = run_cli(["nnUNetv2_train", "501", CONFIG, "1", "-tr", "SwinUNETRTrainer", "-device", "cpu"], env)

@@ -24,9 +24,9 @@ def test_protocol_follows_table_1(tmp_path: Path) -> None:
         assert set(job.after) <= set(protocol.jobs), job.name
     convert = {j.argv[j.argv.index("--centers") + 1]: j for j in protocol.jobs.values() if "convert-hecktor" in j.argv}
     assert {"CHUM", "MDA", "HGJ", "HMR"} <= set(convert)
-    pemma = protocol.jobs["train PEMMATrainer on 502"]
-    assert "train UNETRTrainer on 501" in pemma.after
-    assert str(protocol.checkpoint(501, "UNETRTrainer")) in pemma.argv
+    pemma = protocol.jobs["train PEMMATrainer 3d_unetr_tiny on 502"]
+    assert "train UNETRTrainer 3d_unetr_tiny_base on 501" in pemma.after, "the CT base trains on tiny_base"
+    assert str(protocol.checkpoint(501, "UNETRTrainer", "3d_unetr_tiny_base")) in pemma.argv
     assert {(m.method, m.stage, m.train) for m in protocol.models} >= {
         ("PEMMA", "Multimodal adaptation", "CP"), ("Early fusion", "New dataset 2", "C"),
         ("Late fusion", "New dataset 1", "CP")}

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from nnunetv2_pemma.errors import PemmaError
-from nnunetv2_pemma.plans import load_preset
+from nnunetv2_pemma.plans import load_preset, preset_names
 
 REPO = Path(__file__).resolve().parents[2]
 LABELS = {"GTVp": 1, "GTVn": 2}
@@ -55,8 +55,9 @@ class Model:
     train: str
     dataset: int  # the trained dataset (for PEMMA/early fusion), or the CT model's (late fusion)
     trainer: str
-    pet_dataset: int | None = None  # late fusion: the PET model's dataset
-    pet_trainer: str = "UNETRTrainer"
+    config: str
+    pet_dataset: int | None = None  # late fusion: the PET model's dataset and configuration
+    pet_config: str | None = None
 
 
 class Protocol:
@@ -65,6 +66,9 @@ class Protocol:
     def __init__(self, out: Path, data: Path, preset: str, device: str) -> None:
         self.out, self.data, self.preset_name, self.device = out, data, preset, device
         self.config = load_preset(preset)["configuration"]
+        # models trained from scratch (CT base, PET model) may have a longer preset of the same network
+        self.base_preset = f"{preset}_base" if f"{preset}_base" in preset_names() else preset
+        self.base_config = load_preset(self.base_preset)["configuration"]
         self.jobs: dict[str, Job] = {}
         self.models: list[Model] = []
         self._build()
@@ -73,9 +77,9 @@ class Protocol:
     def dataset_name(self, dataset_id: int) -> str:
         return self._names[dataset_id]
 
-    def checkpoint(self, dataset_id: int, trainer: str) -> Path:
-        return (self.out / "nnUNet_results" / self.dataset_name(dataset_id) / f"{trainer}__nnUNetPlans__{self.config}"
-                / "fold_0" / "checkpoint_final.pth")
+    def checkpoint(self, dataset_id: int, trainer: str, config: str | None = None) -> Path:
+        return (self.out / "nnUNet_results" / self.dataset_name(dataset_id)
+                / f"{trainer}__nnUNetPlans__{config or self.config}" / "fold_0" / "checkpoint_final.pth")
 
     # --- job construction -------------------------------------------------------------------------------------
     def _add(self, job: Job) -> str:
@@ -96,12 +100,14 @@ class Protocol:
                              self.out / "nnUNet_preprocessed" / self.dataset_name(target) / "splits_final.json",
                              after))
 
-    def _train(self, dataset_id: int, trainer: str, after: list[str], pretrained: Path | None = None) -> str:
-        argv = ["nnUNetv2_train", str(dataset_id), self.config, "0", "-tr", trainer, "-device", self.device]
+    def _train(self, dataset_id: int, trainer: str, after: list[str], pretrained: Path | None = None,
+               config: str | None = None) -> str:
+        config = config or self.config
+        argv = ["nnUNetv2_train", str(dataset_id), config, "0", "-tr", trainer, "-device", self.device]
         if pretrained is not None:
             argv += ["-pretrained_weights", str(pretrained)]
-        return self._add(Job(f"train {trainer} on {dataset_id}", argv, self.checkpoint(dataset_id, trainer), after,
-                             uses_device=True))
+        return self._add(Job(f"train {trainer} {config} on {dataset_id}", argv,
+                             self.checkpoint(dataset_id, trainer, config), after, uses_device=True))
 
     def _build(self) -> None:
         self._names: dict[int, str] = {}
@@ -111,20 +117,22 @@ class Protocol:
         plan = self._add(Job("plan and preprocess 501", ["nnUNetv2_plan_and_preprocess", "-d", "501", "-c",
                                                          "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
                              pre / self._names[501] / "nnUNetPlans_3d_fullres", [c501]))
+        add_base = self._add(Job("plans add 501 base", ["pemma", "plans", "add", "501", "--preset", self.base_preset],
+                                 success_marker(self.out / "logs", "plans add 501 base"), [plan]))
         add = self._add(Job("plans add 501", ["pemma", "plans", "add", "501", "--preset", self.preset_name],
-                            pre / self._names[501] / "splits_final.json", [plan]))
-        base_job = self._train(501, "UNETRTrainer", [add])
-        base = self.checkpoint(501, "UNETRTrainer")
+                            success_marker(self.out / "logs", "plans add 501"), [add_base]))
+        base_job = self._train(501, "UNETRTrainer", [add], config=self.base_config)
+        base = self.checkpoint(501, "UNETRTrainer", self.base_config)
 
         cp = self._transfer(502, [self._convert(502, "HNC_CTPET_MDA", ["MDA"], ["CT", "PET"], [add])])
         p = self._transfer(503, [self._convert(503, "HNC_PET_MDA", ["MDA"], ["PET"], [add])])
         pemma = self._train(502, "PEMMATrainer", [cp, base_job], base)
         early = self._train(502, "EarlyFusionTrainer", [cp, base_job], base)
-        pet_model = self._train(503, "UNETRTrainer", [p])
-        stage = "Multimodal adaptation"
-        self.models += [Model("Late fusion", stage, "CP", 501, "UNETRTrainer", 503),
-                        Model("Early fusion", stage, "CP", 502, "EarlyFusionTrainer"),
-                        Model("PEMMA", stage, "CP", 502, "PEMMATrainer")]
+        pet_model = self._train(503, "UNETRTrainer", [p], config=self.base_config)
+        stage, cfg, base_cfg = "Multimodal adaptation", self.config, self.base_config
+        self.models += [Model("Late fusion", stage, "CP", 501, "UNETRTrainer", base_cfg, 503, base_cfg),
+                        Model("Early fusion", stage, "CP", 502, "EarlyFusionTrainer", cfg),
+                        Model("PEMMA", stage, "CP", 502, "PEMMATrainer", cfg)]
 
         for stage, (centre, first_id) in NEW_CENTRES.items():
             c_id, cp_id, p_id = first_id + 1, first_id + 2, first_id + 3
@@ -135,13 +143,13 @@ class Protocol:
                 self._train(dataset_id, "PEMMAContinualTrainer", [ready, pemma], self.checkpoint(502, "PEMMATrainer"))
                 self._train(dataset_id, "EarlyFusionTrainer", [ready, early],
                             self.checkpoint(502, "EarlyFusionTrainer"))
-                self.models += [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer"),
-                                Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer")]
+                self.models += [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
+                                Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
             # late fusion: the CT model is fine-tuned on the new CT data; with CP data the PET model is too
             self._train(c_id, "UNETRTrainer", [c, base_job], base)
-            self._train(p_id, "UNETRTrainer", [pj, pet_model], self.checkpoint(503, "UNETRTrainer"))
-            self.models += [Model("Late fusion", stage, "C", c_id, "UNETRTrainer", 503),
-                            Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", p_id)]
+            self._train(p_id, "UNETRTrainer", [pj, pet_model], self.checkpoint(503, "UNETRTrainer", base_cfg))
+            self.models += [Model("Late fusion", stage, "C", c_id, "UNETRTrainer", cfg, 503, base_cfg),
+                            Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", cfg, p_id, cfg)]
 
     def evaluation_dataset(self, stage: str) -> int:
         """The CT+PET dataset whose fold-0 validation cases score a stage's models."""
@@ -160,6 +168,15 @@ def nnunet_environment(out: Path, device: str) -> dict[str, str]:
     return env
 
 
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace(">", "")
+
+
+def success_marker(logs: Path, name: str) -> Path:
+    """Written when a job succeeds: the done-marker of jobs whose output does not show completion by itself."""
+    return logs / f"{_slug(name)}.done"
+
+
 def _run_job(job: Job, env: dict[str, str], logs: Path, gpu: str | None) -> float:
     exe = Path(sys.executable).parent / job.argv[0]
     argv = [str(exe) if exe.exists() else job.argv[0], *job.argv[1:]]
@@ -168,12 +185,13 @@ def _run_job(job: Job, env: dict[str, str], logs: Path, gpu: str | None) -> floa
         env.pop("nnUNet_n_proc_DA", None)  # the planner calls torch.set_num_threads with it, which rejects 0
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    log = logs / (job.name.replace(" ", "_").replace(">", "") + ".log")
+    log = logs / f"{_slug(job.name)}.log"
     start = time.perf_counter()
     with log.open("w") as f:
         code = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise PemmaError(f"reproduce: job '{job.name}' failed (exit {code}); its log: {log}")
+    success_marker(logs, job.name).touch()
     return time.perf_counter() - start
 
 
@@ -252,17 +270,16 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
     from nnunetv2_pemma.inference import build_predictor, model_folder_of
     from nnunetv2_pemma.late_fusion import ModelRef, predict_late_fusion
 
-    def folder(dataset: int, trainer: str) -> Path:
-        return model_folder_of(protocol.dataset_name(dataset), trainer, protocol.config, "nnUNetPlans")
-
     if model.method == "Late fusion":
-        ct = ModelRef(protocol.dataset_name(model.dataset), model.trainer, protocol.config)
-        pet = ModelRef(protocol.dataset_name(model.pet_dataset), model.pet_trainer, protocol.config)
+        ct = ModelRef(protocol.dataset_name(model.dataset), model.trainer, model.config)
+        pet = ModelRef(protocol.dataset_name(model.pet_dataset), "UNETRTrainer", model.pet_config)
         predict_late_fusion(inputs, out, INFER[infer], ct, pet, w_ct=0.5, device=protocol.device, tta=tta)
         return
-    predictor = build_predictor(folder(model.dataset, model.trainer), [0], list(INFER[infer]),
+    folder = model_folder_of(protocol.dataset_name(model.dataset), model.trainer, model.config, "nnUNetPlans")
+    predictor = build_predictor(folder, [0], list(INFER[infer]),
                                 device=protocol.device, tta=tta, missing_modality=missing_modality)
     # in-process: worker pools would each import torch again, which costs more than a few cases take
+    out.mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(str(inputs), str(out), save_probabilities=False, overwrite=True)
 
 
@@ -361,13 +378,13 @@ def run_reproduce(out: Path, preset: str, hecktor: Path | None = None, phantom_c
                                      "--size", phantom_size], hecktor / "imagesTr"), env, logs, None)
     protocol = Protocol(out, hecktor.resolve(), preset, device)
     timings = run_jobs(protocol.jobs, env, logs, gpus)
+    previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
     tta = load_preset(preset)["schedule"].get("test_time_mirroring", True)
     rows = score_models(protocol, tta)
     paths = write_table2(rows, out)
     from nnunetv2_pemma.evaluation.parameters import format_parameter_table, measure
 
     (out / "parameters.md").write_text(format_parameter_table(measure(preset)) + "\n")
-    previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-    (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
     return f"{paths['md'].read_text()}\nTable 2: {paths['md']}, {paths['csv']}, {paths['png']}; parameters: " \
            f"{out / 'parameters.md'}; logs: {logs}"
