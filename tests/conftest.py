@@ -44,6 +44,16 @@ def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subpr
     return proc
 
 
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Reproducible unit tests that leave torch's thread count as they found it."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def nnunet_env(tmp_path: Path) -> dict[str, str]:
     return nnunet_environment(tmp_path)

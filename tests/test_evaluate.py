@@ -279,3 +279,21 @@ def test_json_round_trip_and_summary_table(tmp_path: Path) -> None:
     assert "GTVp" in table and "GTVn" in table
     assert f"{2 * (32 + 64) / 256:.4f}" in table  # GTVp DSCagg
     assert f"{(2 * 96 / 256 + 1.0) / 2:.4f}" in table  # mean of the two DSCagg
+
+
+def test_pemma_evaluate_command(tmp_path: Path, nnunet_env: dict[str, str]) -> None:
+    """The CLI: a table and a JSON file on success; exit code 2, the case named and no JSON on bad geometry."""
+    from conftest import run_cli
+
+    good = paint(blank(), GTVP, x=(2, 8), y=(2, 8), z=(2, 6))
+    for folder in ("pred", "gt"):
+        write(tmp_path / folder, "CHUM-001", good)
+    proc = run_cli(["pemma", "evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--json",
+                    str(tmp_path / "scores.json")], nnunet_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "GTVp" in proc.stdout and json.loads((tmp_path / "scores.json").read_text())["per_case"]
+    write(tmp_path / "pred", "CHUM-001", good, spacing=(2.0, 1.0, 2.0))
+    proc = run_cli(["pemma", "evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--json",
+                    str(tmp_path / "bad.json")], nnunet_env)
+    assert proc.returncode == 2 and "CHUM-001" in proc.stderr and "spacing" in proc.stderr
+    assert not (tmp_path / "bad.json").exists()

@@ -38,15 +38,6 @@ CLASSES = 3
 METHODS_AND_BIAS = [(m, b) for m in ("lora", "dora") for b in (False, True)]
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
-
-
 class SeparateQKV(nn.Module):
     """peft's view of a fused qkv layer: Q, K and V projections holding its thirds; output ``[q | k | v]``."""
 

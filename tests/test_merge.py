@@ -19,15 +19,6 @@ IMG = (32, 32, 32)
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
-
-
 def trained_pemma(method: str, modalities=("CT", "PET"), qkv_bias: bool = False) -> PEMMAUNETR:
     """A tiny PEMMA network whose adapters moved away from their (identity) initialisation, as after training."""
     model = {**TINY["model"], "qkv_bias": qkv_bias}

@@ -31,15 +31,6 @@ IMG = (32, 32, 32)
 CLASSES = 3
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_base(img_size=IMG, **model_overrides) -> nn.Module:
     return build_unetr({**TINY["model"], **model_overrides}, 1, CLASSES, img_size).eval()
 

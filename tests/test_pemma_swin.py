@@ -31,15 +31,6 @@ CLASSES = 3
 NUM_BLOCKS = sum(TINY["model"]["depths"])
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_threads():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_base(in_channels: int = 1, **model_overrides) -> nn.Module:
     return build_swin_unetr({**TINY["model"], **model_overrides}, in_channels, CLASSES, IMG).eval()
 

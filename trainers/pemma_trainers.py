@@ -56,7 +56,7 @@ class UNETRTrainer(nnUNetTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return build_plain_network(pemma_config(configuration_manager), num_input_channels, num_output_channels,
-                                 configuration_manager.patch_size)
+                                   configuration_manager.patch_size)
 
     def _set_pemma(self, section: str | None, key: str, value) -> None:
         """Override a preset value for this run, also in the plans that plans.json and checkpoints record."""
@@ -177,7 +177,7 @@ class PEMMATrainer(AdaptingTrainer):
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return build_pemma_network(pemma_config(configuration_manager), num_output_channels,
-                                 configuration_manager.patch_size)
+                                   configuration_manager.patch_size)
 
     def convert(self, ct_base: nn.Module) -> nn.Module:
         adapted = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
