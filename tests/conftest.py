@@ -44,6 +44,19 @@ def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subpr
     return proc
 
 
+def train_step(net: torch.nn.Module, x: torch.Tensor, classes: int = 3) -> None:
+    """One AdamW step over the trainable parameters on random labels: enough to see which weights move."""
+    net.train()
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.randint(0, classes, (x.shape[0], *x.shape[2:]))
+    torch.nn.functional.cross_entropy(net(x), target).backward()
+    optimizer.step()
+
+
+def changed_keys(before: dict[str, torch.Tensor], net: torch.nn.Module) -> set[str]:
+    return {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Reproducible unit tests that leave torch's thread count as they found it."""

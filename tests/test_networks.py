@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import changed_keys, train_step
 import torch.nn as nn
 
 from nnunetv2_pemma.networks import (
@@ -239,18 +241,6 @@ def test_pemma_checkpoint_is_not_a_base():
 
 
 # --- freezing and training steps ----------------------------------------------------------------------------
-
-
-def train_step(net: nn.Module, x: torch.Tensor) -> None:
-    net.train()
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
-    target = torch.randint(0, CLASSES, (x.shape[0], *IMG))
-    nn.functional.cross_entropy(net(x), target).backward()
-    optimizer.step()
-
-
-def changed_keys(before: dict[str, torch.Tensor], net: nn.Module) -> set[str]:
-    return {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
 
 
 def test_adaptation_step_trains_only_pemma_parameters():
