@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.training.augmentation import SECTION as AUGMENTATION_SECTION
+from nnunetv2_pemma.training.augmentation import AugmentationChoice
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "plans"
 PEMMA_KEY = "pemma"
@@ -44,6 +46,7 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     bad = [s for s in preset["patch_size"] if s % 16]
     if len(preset["patch_size"]) != 3 or bad:
         raise PlansError(f"preset {path}: UNETR needs a 3-D patch size divisible by 16, got {preset['patch_size']}")
+    AugmentationChoice.from_pemma(preset, where=f"preset {path}")
     preset.setdefault("name", path.stem)
     return preset
 
@@ -107,8 +110,11 @@ def _set_channel_normalisation(configuration: dict[str, Any], schemes: list[str]
 
 
 def _pemma_block(preset: dict[str, Any], modalities: list[str]) -> dict[str, Any]:
-    return {"preset": preset["name"], "model": preset["model"], "adaptation": preset["adaptation"],
-            "schedule": preset["schedule"], "input_modalities": modalities}
+    block = {"preset": preset["name"], "model": preset["model"], "adaptation": preset["adaptation"],
+             "schedule": preset["schedule"], "input_modalities": modalities}
+    if AUGMENTATION_SECTION in preset:
+        block[AUGMENTATION_SECTION] = preset[AUGMENTATION_SECTION]
+    return block
 
 
 def modality_normalization(plans: dict[str, Any], configuration: str, modalities: list[str]
