@@ -20,7 +20,8 @@ from nnunetv2_pemma.networks.early_fusion import widen_to_two_channels
 from nnunetv2_pemma.plans import PEMMA_KEY
 from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization, input_channels,
                                                  load_checkpoint_file, pretrained_weights_in_flight)
-from nnunetv2_pemma.training.config import epochs_from_schedule, pemma_config
+from nnunetv2_pemma.training.augmentation import AugmentationChoice, select_transforms
+from nnunetv2_pemma.training.config import epochs_from_schedule, limit_cpu_threads, pemma_config
 from nnunetv2_pemma.training.networks import (architecture, build_early_fusion_unetr, build_pemma_network,
                                               build_plain_network)
 from nnunetv2_pemma.training.optim import build_optimizer
@@ -41,6 +42,7 @@ class UNETRTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        limit_cpu_threads(self.device)
         self.pemma = pemma_config(self.configuration_manager)
         if architecture(self.pemma) != self.architecture:
             raise PlansError(f"{type(self).__name__} trains a {self.architecture}, but configuration {configuration} "
@@ -50,6 +52,9 @@ class UNETRTrainer(nnUNetTrainer):
             epochs_from_schedule(schedule)
         self.initial_lr = schedule["initial_lr"]
         self.weight_decay = schedule["weight_decay"]
+        self.oversample_foreground_percent = schedule.get("oversample_foreground_percent",
+                                                          self.oversample_foreground_percent)
+        self.augmentation = AugmentationChoice.from_pemma(self.pemma)
         self.enable_deep_supervision = False
 
     @staticmethod
@@ -70,11 +75,20 @@ class UNETRTrainer(nnUNetTrainer):
         """UNETR has one output head: nothing to switch."""
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        """As nnU-Net, but without test-time mirroring when the preset says so (training still mirrors)."""
-        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        """As nnU-Net, but without test-time mirroring when the preset says so, and with patches cut at their
+        final size when the preset turns spatial augmentation off (as nnUNetTrainerNoDA)."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         if not self.pemma["schedule"].get("test_time_mirroring", True):
             self.inference_allowed_mirroring_axes = None
-        return configured
+        if not self.augmentation.spatial:
+            initial_patch_size = self.configuration_manager.patch_size
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms, less the groups the preset's data_augmentation section turns off.
+        (An instance method where nnU-Net's is static: nnU-Net calls it through self.)"""
+        return select_transforms(nnUNetTrainer.get_training_transforms(*args, **kwargs), self.augmentation)
 
 
 class AdaptingTrainer(UNETRTrainer):
