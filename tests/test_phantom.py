@@ -3,6 +3,7 @@ segmentation experiments rely on, the survival signal, and argument checking."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from scipy import ndimage
 
 from nnunetv2_pemma.data.centers import LABELS_2022, TEST_CENTERS_2022, TRAINING_CENTERS_2022
 from nnunetv2_pemma.data.phantom import (CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS, ENDPOINT_CSV,
-                                         PhantomSummary, write_phantom)
+                                         GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE, NODE_HU_ABOVE_MUSCLE, SOFT,
+                                         PhantomSummary, _render, case_model, write_phantom)
 from nnunetv2_pemma.errors import InputDataError
 
 CASES_PER_CENTER = 4
@@ -154,6 +156,47 @@ def test_physiological_hot_spots_outside_labels(phantom: tuple[Path, PhantomSumm
         below_brain = np.arange(lab.shape[0])[:, None, None] < 0.7 * lab.shape[0]
         neck_hot_spots.append(pet[far & below_brain].max() > 2.5 * background)
     assert np.mean(neck_hot_spots) >= 0.8, neck_hot_spots
+
+
+def test_calibration_levels(phantom: tuple[Path, PhantomSummary]) -> None:
+    """The documented difficulty structure, measured on the written files: GTVp a few HU above muscle on CT and
+    hot on PET; nodes clearly denser than soft tissue; PET hot spots ("mimics") at the tumour's levels in most
+    cases."""
+    root, _ = phantom
+    with_mimics, gtvp_ct_shift, node_ct_shift = 0, [], []
+    for case_id in training_ids():
+        model = case_model(case_id, case_id.split("-")[0], "small", SEED)
+        ct, pet, lab, _ = case_arrays(root, case_id)
+        gtvp = ndimage.binary_erosion(lab == LABELS_2022["GTVp"])  # away from the kernel's blur at the border
+        gtvp_ct_shift.append(ct[gtvp].mean() - MUSCLE[0])
+        assert GTVP_SUV[0] <= model.anatomy.gtvp_suv <= GTVP_SUV[1]
+        nodes = ndimage.binary_erosion(lab == LABELS_2022["GTVn"])
+        if nodes.sum() >= 5:
+            node_ct_shift.append(ct[nodes].mean() - SOFT[0])
+        with_mimics += bool(model.anatomy.mimics)
+        assert all(MIMIC_SUV[0] <= v <= MIMIC_SUV[1] for v in model.anatomy.mimic_suv)
+    assert with_mimics >= 0.6 * len(training_ids()), with_mimics
+    assert GTVP_HU_ABOVE_MUSCLE[0] - 6 < np.mean(gtvp_ct_shift) < GTVP_HU_ABOVE_MUSCLE[1] + 6, gtvp_ct_shift
+    assert np.mean(node_ct_shift) > 15, node_ct_shift
+
+
+def test_mimics_are_hot_on_pet_and_absent_from_ct() -> None:
+    """Rendering a case with and without its mimics: CT and label are identical, PET differs only inside them,
+    with tumour-like uptake."""
+    seen = 0
+    for i in range(1, 9):
+        model = case_model(f"HGJ-{i:03d}", "HGJ", "small", SEED)
+        if not model.anatomy.mimics:
+            continue
+        seen += 1
+        points = model.ct_grid.coordinates()
+        hu, suv, label = _render(model.anatomy, *points)
+        hu0, suv0, label0 = _render(dataclasses.replace(model.anatomy, mimics=(), mimic_suv=()), *points)
+        assert np.array_equal(hu, hu0) and np.array_equal(label, label0)
+        changed = suv != suv0
+        assert changed.any() and not (changed & (label > 0)).any()
+        assert np.isclose(suv[changed].min(), min(model.anatomy.mimic_suv), rtol=1e-6)
+    assert seen >= 4
 
 
 def test_some_cases_without_lymph_nodes(phantom: tuple[Path, PhantomSummary]) -> None:

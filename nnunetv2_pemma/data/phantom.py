@@ -168,6 +168,8 @@ class Anatomy:
     nodes: tuple[Ellipsoid, ...]
     node_hu: tuple[float, ...]
     node_suv: tuple[float, ...]
+    mimics: tuple[tuple[Ellipsoid, ...], ...]
+    mimic_suv: tuple[float, ...]
     tonsils: tuple[Ellipsoid, Ellipsoid]
     tonsil_suv: float
     vocal_cords: tuple[Ellipsoid, Ellipsoid]
@@ -276,8 +278,7 @@ def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str,
     clinical, endpoint, no_nodes = [], [], []
     jobs = [(c, i, "imagesTr") for c, i in train] + [(c, i, "imagesTs") for c, i in test]
     for center, case_id, folder in tqdm(jobs, desc="phantom", unit="case"):
-        geometry_rng, ct_rng, pet_rng, patient_rng = (np.random.default_rng(s) for s in
-                                                      np.random.SeedSequence([seed, *case_id.encode()]).spawn(4))
+        geometry_rng, ct_rng, pet_rng, patient_rng = _case_rngs(case_id, seed)
         case = _draw_case(case_id, center, size, geometry_rng)
         ct, label = _ct_and_label(case, ct_rng)
         _write(ct, root / folder / f"{case_id}__CT.nii.gz")
@@ -294,6 +295,16 @@ def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str,
         endpoint.append(outcome)
     _write_tables(root, clinical, endpoint)
     return no_nodes
+
+
+def _case_rngs(case_id: str, seed: int) -> tuple[np.random.Generator, ...]:
+    """Independent generators for a case's geometry, CT noise, PET noise and clinical record."""
+    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence([seed, *case_id.encode()]).spawn(4))
+
+
+def case_model(case_id: str, center: str, size: str = "small", seed: int = 0) -> Case:
+    """The analytic model (anatomy, lesions, mimics, grids) behind a case `write_phantom` writes with `seed`."""
+    return _draw_case(case_id, center, SIZES[size], _case_rngs(case_id, seed)[0])
 
 
 def _write(image: sitk.Image, path: Path) -> None:
@@ -340,9 +351,22 @@ DISC_PERIOD, DISC_HEIGHT = 8.0, 2.0
 CANAL = (0.0, 13.0, 2.0, 3.2)  # centre, canal radius, outer radius of the bony arch
 PARASPINAL = (6.5, 15.5, 4.0, 2.5)  # +/- x
 MANDIBLE = (0.0, 1.0, 12.5, 15.0, -2.0, 0.62, 0.78)  # centre, inner and outer radius, anterior of y, z range
-GTVP_Z = (0.35, 0.6)
+GTVP_Z = (0.25, 0.7)
 NODE_Z = (0.2, 0.55)
 NODE_COUNT_P = (0.3, 0.3, 0.25, 0.15)  # P(0, 1, 2, 3 lymph nodes)
+
+# Difficulty calibration (README, "The phantom"): which modality shows what.
+# - CT shows the GTVp only faintly: a few HU above the pharyngeal muscle it grows in, under 10-20 HU of noise;
+#   lymph nodes are round, somewhat denser structures in soft tissue (the usual CT sign).
+# - PET shows every lesion clearly but blurred (4 mm voxels, 5-7.5 mm PSF), and also shows "mimics": benign uptake
+#   (inflamed mucosa, muscle) beside the airway at the tumour's level, as hot as tumour and invisible on CT.
+# So CT alone is hard, PET alone is fooled by mimics, and CT+PET is best: PET finds candidates, CT tells them apart.
+GTVP_HU_ABOVE_MUSCLE = (4.0, 12.0)
+GTVP_SUV = (4.0, 14.0)
+NODE_HU_ABOVE_MUSCLE = (15.0, 30.0)
+NODE_SUV = (3.0, 8.0)
+MIMIC_COUNT_P = (0.1, 0.45, 0.45)  # P(0, 1, 2 mimics) drawn; one that finds no free place is left out
+MIMIC_SUV = (4.0, 14.0)
 
 
 def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: PhantomSize,
@@ -352,6 +376,7 @@ def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: 
     airway = np.array([axis_x + AIRWAY[0] * s, axis_y + AIRWAY[1] * s])
     gtvp = _draw_gtvp(airway, z_lo + rng.uniform(*GTVP_Z) * length, size, rng)
     nodes = _draw_nodes(gtvp, axis_x, axis_y, z_lo, length, size, rng)
+    mimics = _draw_mimics(airway, gtvp + nodes, size, z_lo, length, rng)
     tonsil_z, tonsil_radii = z_lo + 0.68 * length, np.array([3.5, 4.0, 6.0]) * s * rng.uniform(0.9, 1.15)
     tonsils = tuple(Ellipsoid((airway[0] + side * 7.5 * s, airway[1], tonsil_z), tuple(tonsil_radii))
                     for side in (-1, 1))
@@ -359,9 +384,10 @@ def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: 
                             (1.4 * s, 2.2 * s, 2.0 * s)) for side in (-1, 1))
     return Anatomy(
         axis_x=axis_x, axis_y=axis_y, z_lo=z_lo, z_hi=z_hi, scale=s,
-        gtvp=gtvp, gtvp_hu=MUSCLE[0] + rng.uniform(10, 25), gtvp_suv=rng.uniform(5, 20),
-        nodes=nodes, node_hu=tuple(MUSCLE[0] + rng.uniform(5, 15, len(nodes))),
-        node_suv=tuple(rng.uniform(3, 8, len(nodes))),
+        gtvp=gtvp, gtvp_hu=MUSCLE[0] + rng.uniform(*GTVP_HU_ABOVE_MUSCLE), gtvp_suv=rng.uniform(*GTVP_SUV),
+        nodes=nodes, node_hu=tuple(MUSCLE[0] + rng.uniform(*NODE_HU_ABOVE_MUSCLE, len(nodes))),
+        node_suv=tuple(rng.uniform(*NODE_SUV, len(nodes))),
+        mimics=mimics, mimic_suv=tuple(rng.uniform(*MIMIC_SUV, len(mimics))),
         tonsils=tonsils, tonsil_suv=rng.uniform(5, 9),
         vocal_cords=cords, vocal_cord_suv=rng.uniform(3, 5) if rng.random() < 0.5 else SOFT[1],
         brain=Ellipsoid((axis_x, axis_y + 3 * s, z_hi + 14 * s), (15 * s, 14 * s, 24 * s)),
@@ -396,6 +422,20 @@ def _draw_nodes(gtvp: tuple[Ellipsoid, ...], axis_x: float, axis_y: float, z_lo:
                 nodes.append(node)
                 break
     return tuple(nodes)
+
+
+def _draw_mimics(airway: np.ndarray, lesions: tuple[Ellipsoid, ...], size: PhantomSize, z_lo: float, length: float,
+                 rng: np.random.Generator) -> tuple[tuple[Ellipsoid, ...], ...]:
+    """0-2 benign uptake sites drawn exactly like a GTVp (shape, size, place) that touch no lesion: on PET
+    indistinguishable from tumour, on CT unchanged tissue."""
+    mimics: list[tuple[Ellipsoid, ...]] = []
+    for _ in range(rng.choice(len(MIMIC_COUNT_P), p=MIMIC_COUNT_P)):
+        for _attempt in range(40):
+            mimic = _draw_gtvp(airway, z_lo + rng.uniform(*GTVP_Z) * length, size, rng)
+            if all(_apart(part, other, gap=1.0) for part in mimic for other in lesions + sum(mimics, ())):
+                mimics.append(mimic)
+                break
+    return tuple(mimics)
 
 
 def _apart(a: Ellipsoid, b: Ellipsoid, gap: float) -> bool:
@@ -437,12 +477,15 @@ def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple
     paint(pharynx & ellipse(*AIRWAY), AIR)
     paint(_inside_any(anat.vocal_cords, x, y, z), (MUSCLE[0], anat.vocal_cord_suv))
     paint(_inside_any(anat.tonsils, x, y, z), (MUSCLE[0], anat.tonsil_suv))
-    # Lesions last and inside the fat layer: the label is exactly where they are painted.
+    in_tissue = inner & (hu > -500)  # lesions and mimics grow in tissue, not into the airway's lumen
+    for mimic, mimic_suv in zip(anat.mimics, anat.mimic_suv):
+        suv[in_tissue & _inside_any(mimic, x, y, z)] = mimic_suv  # uptake only: CT keeps its tissue
+    # Lesions last, inside the fat layer and outside the airway: the label is exactly where they are painted.
     for node, node_hu, node_suv in zip(anat.nodes, anat.node_hu, anat.node_suv):
-        mask = inner & node.inside(x, y, z)
+        mask = in_tissue & node.inside(x, y, z)
         paint(mask, (node_hu, node_suv))
         label[mask] = LABELS_2022["GTVn"]
-    mask = inner & _inside_any(anat.gtvp, x, y, z)
+    mask = in_tissue & _inside_any(anat.gtvp, x, y, z)
     paint(mask, (anat.gtvp_hu, anat.gtvp_suv))
     label[mask] = LABELS_2022["GTVp"]
     return hu, suv, label
