@@ -77,14 +77,14 @@ def _reproduce(args: argparse.Namespace) -> None:
 
     print(run_reproduce(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
                         phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
-                        gpus=args.gpus))
+                        gpus=args.gpus, scope=args.scope, seed=args.seed, cpu_jobs=args.cpu_jobs))
 
 
 def _demo(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.evaluation.reproduce import run_reproduce
 
-    print(run_reproduce(Path(args.out), "tiny", hecktor=None, phantom_cases=args.cases_per_center,
-                        phantom_size="small", device="cpu"))
+    print(run_reproduce(Path(args.out), "demo", hecktor=None, phantom_cases=args.cases_per_center,
+                        phantom_size="small", device="cpu", scope="demo", seed=args.seed))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -230,10 +230,17 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
     source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU) or paper")
+    p.add_argument("--preset", default="demo", help="demo (CPU; its from-scratch models use demo_base) or paper")
     p.add_argument("--out", required=True, help="output folder (holds its own nnU-Net folders)")
-    p.add_argument("--cases-per-center", type=int, default=6, help="phantom cases per centre")
+    p.add_argument("--cases-per-center", type=int, default=30,
+                   help="phantom cases per centre (30: 6 fold-0 validation cases per stage)")
     p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--scope", choices=("full", "demo"), default="full",
+                   help="full: both new centres, each trained with C and with CP; demo: the adaptation stage and "
+                        "new dataset 1's CT-only update")
+    p.add_argument("--cpu-jobs", type=int, default=2,
+                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
                    help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
@@ -241,11 +248,14 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="main job: `pemma reproduce --phantom --preset tiny` on 2 CPU cores",
-                       description="The paper's protocol on built-in phantom data with the tiny preset, on CPU. "
-                                   "Resumable; ends with Table 2 on screen.")
+    p = sub.add_parser("demo", help="main job: `pemma reproduce --phantom --preset demo --scope demo` on 2 CPU "
+                                    "cores (about 15 minutes)",
+                       description="The paper's protocol on built-in phantom data with the demo presets, on CPU: the "
+                                   "CT base, the adaptation to CT+PET and one CT-only update on a new centre. "
+                                   "Resumable; ends with Table 2 and a line per claim on screen.")
     p.add_argument("--out", default="pemma_demo", help="output folder")
-    p.add_argument("--cases-per-center", type=int, default=6)
+    p.add_argument("--cases-per-center", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.set_defaults(func=_demo)
 
 

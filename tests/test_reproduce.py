@@ -1,5 +1,5 @@
-"""`pemma reproduce`'s parts that need no training: the protocol's job graph, the scheduler (real
-subprocesses), resuming, and Table 2's files."""
+"""`pemma reproduce`'s parts that need no training: the protocol's job graph in both scopes, the scheduler (real
+subprocesses, GPU and CPU slots), resuming, and Table 2's files."""
 
 from __future__ import annotations
 
@@ -10,30 +10,56 @@ import numpy as np
 import pytest
 
 from nnunetv2_pemma.errors import PemmaError
-from nnunetv2_pemma.evaluation.reproduce import (INFER, METHODS, TABLE_COLUMNS, Job, Protocol, run_jobs,
-                                                 table2_markdown, write_table2)
+from nnunetv2_pemma.evaluation.jobs import Job, Slot, cpu_slots, run_jobs
+from nnunetv2_pemma.evaluation.reproduce import Protocol
+from nnunetv2_pemma.evaluation.table2 import (ADAPTATION, BEFORE, INFER, METHODS, columns_of, table2_markdown,
+                                              write_table2)
+
+
+def _trainings(protocol: Protocol) -> list[Job]:
+    return [j for j in protocol.jobs.values() if j.uses_device]
 
 
 def test_protocol_follows_table_1(tmp_path: Path) -> None:
-    protocol = Protocol(tmp_path, tmp_path / "hecktor", "tiny", "cpu")
-    trainings = [j for j in protocol.jobs.values() if j.uses_device]
+    protocol = Protocol(tmp_path, tmp_path / "hecktor", "demo", "cpu")
     # CT base; PEMMA, early fusion, PET model on MDA; per new centre: PEMMA and early fusion with C and CP, and
     # late fusion's CT and PET models
-    assert len(trainings) == 1 + 3 + 2 * 6
+    assert len(_trainings(protocol)) == 1 + 3 + 2 * 6
     for job in protocol.jobs.values():
         assert set(job.after) <= set(protocol.jobs), job.name
     convert = {j.argv[j.argv.index("--centers") + 1]: j for j in protocol.jobs.values() if "convert-hecktor" in j.argv}
     assert {"CHUM", "MDA", "HGJ", "HMR"} <= set(convert)
-    pemma = protocol.jobs["train PEMMATrainer 3d_unetr_tiny on 502"]
-    assert "train UNETRTrainer 3d_unetr_tiny_base on 501" in pemma.after, "the CT base trains on tiny_base"
-    assert str(protocol.checkpoint(501, "UNETRTrainer", "3d_unetr_tiny_base")) in pemma.argv
+    pemma = protocol.jobs["train PEMMATrainer 3d_unetr_demo on 502"]
+    assert "train UNETRTrainer 3d_unetr_demo_base on 501" in pemma.after, "the CT base trains on demo_base"
+    assert str(protocol.checkpoint(501, "UNETRTrainer", "3d_unetr_demo_base")) in pemma.argv
     assert {(m.method, m.stage, m.train) for m in protocol.models} >= {
-        ("PEMMA", "Multimodal adaptation", "CP"), ("Early fusion", "New dataset 2", "C"),
-        ("Late fusion", "New dataset 1", "CP")}
+        ("PEMMA", ADAPTATION, "CP"), ("Early fusion", "New dataset 2", "C"),
+        ("Late fusion", "New dataset 1", "CP"), ("PEMMA", "New dataset 2", BEFORE)}
+    before = [m for m in protocol.models if m.train == BEFORE]
+    assert {m.dataset for m in before if m.method != "Late fusion"} == {502}, "before = the adaptation-stage models"
+
+
+def test_demo_scope_keeps_the_claims_jobs(tmp_path: Path) -> None:
+    protocol = Protocol(tmp_path, tmp_path / "hecktor", "demo", "cpu", scope="demo")
+    names = {j.name for j in _trainings(protocol)}
+    assert names == {"train UNETRTrainer 3d_unetr_demo_base on 501", "train PEMMATrainer 3d_unetr_demo on 502",
+                     "train EarlyFusionTrainer 3d_unetr_demo on 502", "train UNETRTrainer 3d_unetr_demo_base on 503",
+                     "train PEMMAContinualTrainer 3d_unetr_demo on 511",
+                     "train EarlyFusionTrainer 3d_unetr_demo on 511", "train UNETRTrainer 3d_unetr_demo on 511"}
+    assert {m.stage for m in protocol.models} == {ADAPTATION, "New dataset 1"}
+    assert {(m.method, m.train) for m in protocol.models if m.stage == "New dataset 1"} == {
+        (m, t) for m in ("PEMMA", "Early fusion", "Late fusion") for t in (BEFORE, "C")}
+    # the CP images of HGJ are converted (they are the inputs of CP and P inference) but not preprocessed
+    assert "convert 512 HNC_CTPET_HGJ" in protocol.jobs and "plans transfer 501->512" not in protocol.jobs
+
+
+def test_unknown_scope(tmp_path: Path) -> None:
+    with pytest.raises(PemmaError, match="scope 'all'"):
+        Protocol(tmp_path, tmp_path / "hecktor", "demo", "cpu", scope="all")
 
 
 def _job(name: str, out: Path, after: list[str], code: str = "pass") -> Job:
-    script = f"import pathlib, sys; {code}; pathlib.Path(r'{out / name}').write_text('done')"
+    script = f"import pathlib, sys, os; {code}; pathlib.Path(r'{out / name}').write_text('done')"
     return Job(name, [Path(sys.executable).name, "-c", script], out / name, after)
 
 
@@ -44,10 +70,29 @@ def test_scheduler_respects_dependencies_and_resumes(tmp_path: Path) -> None:
     jobs = {"a": _job("a", tmp_path, []), "b": _job("b", tmp_path, ["a"], check),
             "c": _job("c", tmp_path, ["a"], check)}
     jobs["b"].uses_device = jobs["c"].uses_device = True
-    timings = run_jobs(jobs, {}, logs, gpus=["0", "1"])
+    timings = run_jobs(jobs, {}, logs, [Slot(gpu="0"), Slot(gpu="1")])
     assert set(timings) == {"a", "b", "c"} and all((tmp_path / n).exists() for n in "abc")
     (tmp_path / "c").unlink()
-    assert set(run_jobs(jobs, {}, logs, gpus=None)) == {"c"}, "finished jobs must not run again"
+    assert set(run_jobs(jobs, {}, logs, [])) == {"c"}, "finished jobs must not run again"
+
+
+def test_cpu_slots_share_the_cores(tmp_path: Path) -> None:
+    """Each training on a CPU slot is told its thread count (read by the trainers), GPU slots their device."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    record = "pathlib.Path(r'{}').write_text(os.environ.get('PEMMA_CPU_THREADS', '') + '|' + " \
+             "os.environ.get('CUDA_VISIBLE_DEVICES', ''))"
+    jobs = {n: _job(n, tmp_path, [], record.format(tmp_path / f"{n}.env")) for n in ("x", "y")}
+    for job in jobs.values():
+        job.uses_device = True
+    slots = cpu_slots(2)
+    run_jobs(jobs, {}, logs, slots)
+    assert {(tmp_path / f"{n}.env").read_text() for n in jobs} == {f"{slots[0].cpu_threads}|"}
+    assert slots[0].cpu_threads >= 1
+    for n in jobs:
+        (tmp_path / n).unlink()
+    run_jobs(jobs, {}, logs, [Slot(gpu="3")])
+    assert {(tmp_path / f"{n}.env").read_text() for n in jobs} == {"|3"}
 
 
 def test_failed_job_names_its_log(tmp_path: Path) -> None:
@@ -55,19 +100,22 @@ def test_failed_job_names_its_log(tmp_path: Path) -> None:
     logs.mkdir()
     jobs = {"bad": _job("bad", tmp_path, [], "sys.exit(3)"), "after": _job("after", tmp_path, ["bad"])}
     with pytest.raises(PemmaError, match=r"job 'bad' failed \(exit 3\).*bad\.log"):
-        run_jobs(jobs, {}, logs, gpus=None)
+        run_jobs(jobs, {}, logs, [])
     assert not (tmp_path / "after").exists()
 
 
 def test_table2_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    rows = [{"method": m, "stage": s, "train": t, "infer": i, "cases": 2, "Tumor": rng.random(),
+    columns = [(ADAPTATION, "CP"), ("New dataset 1", BEFORE), ("New dataset 1", "C")]
+    rows = [{"method": m, "stage": s, "train": t, "infer": i, "cases": 6, "Tumor": rng.random(),
              "Lymph": rng.random(), "Avg": 0.5, "DSCagg": 0.5}
-            for m in METHODS for s, t in TABLE_COLUMNS for i in INFER]
+            for m in METHODS for s, t in reversed(columns) for i in INFER]
+    assert columns_of(rows) == columns, "adaptation first, then before-update, C, CP"
     paths = write_table2(rows, tmp_path)
     markdown = paths["md"].read_text()
     assert markdown == table2_markdown(rows) + "\n"
-    first = rows[0]
+    first = next(r for r in rows if (r["stage"], r["train"], r["infer"]) == (ADAPTATION, "CP", "CP"))
     assert f"| {first['method']} | Tumor | {first['Tumor']:.2f} |" in markdown
+    assert "New dataset 1 · adaptation-stage model, before the update · infer P" in markdown
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
     assert paths["png"].stat().st_size > 10_000
