@@ -6,6 +6,7 @@ One small subclass per behaviour; networks, freezing and checks live in `nnunetv
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,9 +100,14 @@ class AdaptingTrainer(UNETRTrainer):
     own build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
     """
 
+    # preset "adaptation" values this trainer variant overrides (recorded in its plans.json and checkpoints)
+    adaptation_overrides: dict[str, Any] = {}
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in self.adaptation_overrides.items():
+            self._set_pemma("adaptation", key, value)
         self._adapted = False
         self._weights_loaded = False
         self._from_ct_base = False
@@ -176,17 +182,6 @@ class PEMMATrainer(AdaptingTrainer):
     writes the trained weights alone (adapter_final.safetensors).
     """
 
-    pet_init: str | None = None  # None: the preset's adaptation.pet_init
-    adapter_method: str | None = None  # None: the preset's adaptation.method ("lora" if absent)
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.pet_init is not None:
-            self._set_pemma("adaptation", "pet_init", self.pet_init)
-        if self.adapter_method is not None:
-            self._set_pemma("adaptation", "method", self.adapter_method)
-
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
@@ -228,27 +223,19 @@ class PEMMAContinualTrainer(PEMMATrainer):
 class PEMMADoRATrainer(PEMMATrainer):
     """PEMMA with DoRA (weight-decomposed low-rank adaptation) on Q and V instead of LoRA."""
 
-    adapter_method = "dora"
+    adaptation_overrides = {"method": "dora"}
 
 
 class PEMMADoRAContinualTrainer(PEMMAContinualTrainer):
     """Continual update of a PEMMA-DoRA model: only the DoRA matrices and magnitudes train."""
 
-    adapter_method = "dora"
+    adaptation_overrides = {"method": "dora"}
 
 
 class EarlyFusionTrainer(AdaptingTrainer):
     """Baseline (paper section 2.1): the CT UNETR's patch embedding and input skip widened to (CT, PET) channels,
     then the whole model trains. From an early-fusion checkpoint on a one-modality dataset it fine-tunes with the
     absent channel zero, which is how the forgetting PEMMA avoids is measured."""
-
-    pet_init: str | None = None  # None: the preset's adaptation.pet_init
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.pet_init is not None:
-            self._set_pemma("adaptation", "pet_init", self.pet_init)
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -290,28 +277,40 @@ class PEMMASwinContinualTrainer(PEMMAContinualTrainer):
 class PEMMATrainer_zeroinit(PEMMATrainer):
     """PEMMA with the PET patch embedding and skip initialised to zero."""
 
-    pet_init = "zero"
+    adaptation_overrides = {"pet_init": "zero"}
 
 
 class PEMMATrainer_randominit(PEMMATrainer):
     """PEMMA with a randomly initialised PET patch embedding and skip."""
 
-    pet_init = "random"
+    adaptation_overrides = {"pet_init": "random"}
 
 
 class EarlyFusionTrainer_zeroinit(EarlyFusionTrainer):
     """Early fusion with the PET channel's weights initialised to zero."""
 
-    pet_init = "zero"
+    adaptation_overrides = {"pet_init": "zero"}
 
 
 class EarlyFusionTrainer_randominit(EarlyFusionTrainer):
     """Early fusion with randomly initialised PET channel weights."""
 
-    pet_init = "random"
+    adaptation_overrides = {"pet_init": "random"}
 
 
 class EarlyFusionTrainer_crossinit(EarlyFusionTrainer):
     """Early fusion with the PET channel's weights copied from the CT channel (cross-modal)."""
 
-    pet_init = "cross"
+    adaptation_overrides = {"pet_init": "cross"}
+
+
+class PEMMATrainer_noModalityDropout(PEMMATrainer):
+    """PEMMA adapted on CT+PET inputs only (no random C / P / CP patterns), as in the MICCAI paper's text."""
+
+    adaptation_overrides = {"modality_dropout": None}
+
+
+class PEMMATrainer_modalityDropout(PEMMATrainer):
+    """PEMMA adapted on random CT+PET / CT / PET input patterns (0.5 / 0.25 / 0.25), as PEMMA's official code."""
+
+    adaptation_overrides = {"modality_dropout": [0.5, 0.25, 0.25]}
