@@ -104,7 +104,10 @@ def write_table2(rows: Sequence[dict], out: Path, title: str = "PEMMA Table 2 re
         stds = [cell(rows, method, *c, i, "Tumor_std") for c in cols for i in INFER]
         ax.bar(x + (k - (len(methods) - 1) / 2) * width, np.nan_to_num(means), width, label=method,
                yerr=None if np.isnan(stds).all() else np.nan_to_num(stds), capsize=2)
-    ax.set_xticks(x, [column_title(c, i).replace(" · ", "\n") for c in cols for i in INFER], fontsize=6)
+    ax.set_xticks(x, [f"{s}\n{'before update' if t == BEFORE else 'train ' + t}\ninfer {i}"
+                      for s, t in cols for i in INFER], fontsize=6)
+    for boundary in range(len(INFER), len(x), len(INFER)):
+        ax.axvline(boundary - 0.5, color="grey", linewidth=0.5)
     ax.set_ylabel("tumour (GTVp) Dice")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
