@@ -1,12 +1,13 @@
 """Table 2 on the phantom with error bars: the whole protocol (`pemma reproduce --scope full`) for several phantom
 seeds, then mean ± std per cell and the claims checked on the means.
 
-    python benchmarks/table2_phantom.py --out bench_table2 [--seeds 0 1 2] [--preset tiny] [--device cpu]
+    python benchmarks/table2_phantom.py --out bench_table2 [--seeds 0 1 2] [--preset demo] [--device cpu]
 
 Each seed is one resumable `pemma reproduce` run in OUT/seed_<k> (a new phantom drawn with that seed, every model
-trained anew), so a stopped benchmark resumes where it was. Writes OUT/table2.md, .csv and .png (tumour Dice with
-error bars), OUT/claims.txt and OUT/timings.json (wall time per seed). Budget: about 20 minutes a seed on 2 CPU
-cores with the demo presets; `--preset paper --device cuda --gpus ...` on GPUs.
+trained anew), so a stopped benchmark resumes where it was. Writes each seed's Table 2 into its folder, and
+OUT/table2.md, .csv and .png (mean ± std; tumour Dice with error bars), OUT/claims.txt and OUT/timings.json (wall
+time per seed). Budget: about 22 minutes a seed on 2 CPU cores with the demo presets (16 trainings, then 5
+minutes of Table 2 inference); `--preset paper --device cuda --gpus ...` on GPUs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
         result = run_protocol(out / f"seed_{seed}", args.preset, phantom_cases=args.cases_per_center,
                               device=args.device, gpus=args.gpus, scope=args.scope, seed=seed)
         wall[f"seed_{seed}"] = round(time.perf_counter() - start, 1)
+        write_table2(result.rows, result.out, title=f"Table 2 on the phantom, seed {seed}")
         runs.append(result.rows)
         bases.append(result.base_dice or {})
         fraction = result.trainable_fraction
