@@ -72,7 +72,7 @@ def test_choice_reaches_nnunets_dataloader(workflow: dict, tmp_path: Path, monke
     path = tmp_path / "tiny_mirror.json"
     path.write_text(json.dumps(preset))
     run_ok(["pemma", "plans", "add", "501", "--preset", str(path)], env)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA"):
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_extTrainer"):
         monkeypatch.setenv(name, env[name])
 
     def loader(configuration: str):
