@@ -53,8 +53,6 @@ class UNETRTrainer(nnUNetTrainer):
             epochs_from_schedule(schedule)
         self.initial_lr = schedule["initial_lr"]
         self.weight_decay = schedule["weight_decay"]
-        self.oversample_foreground_percent = schedule.get("oversample_foreground_percent",
-                                                          self.oversample_foreground_percent)
         self.augmentation = AugmentationChoice.from_pemma(self.pemma)
         self.enable_deep_supervision = False
 
