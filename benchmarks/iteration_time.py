@@ -45,7 +45,7 @@ def prepare(root: Path, presets: dict[str, dict]) -> dict[str, str]:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir(parents=True, exist_ok=True)
         env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=str(REPO / "trainers"), nnUNet_def_n_proc="1", nnUNet_compile="false")
+    env.update(nnUNet_extTrainer=str(trainer_folder()), nnUNet_def_n_proc="1", nnUNet_compile="false")
     run(["pemma", "phantom", str(root / "hecktor"), "--cases-per-center", "8"], env)
     run(["pemma", "convert-hecktor", str(root / "hecktor"), "--dataset-id", "701", "--name", "CT", "--centers",
          "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)

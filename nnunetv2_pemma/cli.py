@@ -247,6 +247,22 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reproduce)
 
 
+def _env(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.environment import export_lines
+
+    print(export_lines(Path(args.root)))
+
+
+def _add_env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="print the exports nnU-Net needs: its folders under ROOT and this package's "
+                                   "trainers (eval \"$(pemma env --root ROOT)\")",
+                       description="Prints nnUNet_raw, nnUNet_preprocessed and nnUNet_results under ROOT, and "
+                                   "nnUNet_extTrainer pointing at the installed trainers (kept in front of any "
+                                   "folders it already lists). Use: eval \"$(pemma env --root nnUNet_data)\"")
+    p.add_argument("--root", default="nnUNet_data", help="folder for nnU-Net's raw, preprocessed and results data")
+    p.set_defaults(func=_env)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="main job: `pemma reproduce --phantom --preset demo --scope demo` on 2 CPU "
                                     "cores (about 15 minutes)",
@@ -259,10 +275,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_demo, _add_reproduce, _add_phantom, _add_convert, _add_plans,
-                                                                     _add_predict, _add_predict_late_fusion,
-                                                                     _add_merge_adapter, _add_evaluate,
-                                                                     _add_parameters)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo, _add_env, _add_reproduce, _add_phantom, _add_convert, _add_plans, _add_predict,
+    _add_predict_late_fusion, _add_merge_adapter, _add_evaluate, _add_parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,24 +19,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.training.augmentation import SECTION as AUGMENTATION_SECTION
 from nnunetv2_pemma.training.augmentation import AugmentationChoice
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "plans"
 PEMMA_KEY = "pemma"
 PET_NORMALIZATION = "CTNormalization"
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted(p.stem for p in preset_folder().glob("*.json"))
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
-    """A preset by name (`plans/<name>.json`) or by path, checked for what UNETR needs."""
+    """A preset by name (`plans/<name>.json`, installed as nnunetv2_pemma.presets) or by path, checked for what UNETR needs."""
     path = Path(name_or_path)
     if not path.suffix == ".json":
-        path = PRESET_DIR / f"{name_or_path}.json"
+        path = preset_folder() / f"{name_or_path}.json"
     if not path.is_file():
         raise PlansError(f"unknown preset '{name_or_path}': no file {path}; available: {', '.join(preset_names())}")
     preset = json.loads(path.read_text())

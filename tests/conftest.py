@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nnunetv2_pemma.environment import trainer_folder
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(REPO / "trainers"))
 
 
 def nnunet_environment(root: Path) -> dict[str, str]:
@@ -22,7 +23,7 @@ def nnunet_environment(root: Path) -> dict[str, str]:
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (root / name).mkdir(parents=True, exist_ok=True)
         env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=str(REPO / "trainers"), nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
+    env.update(nnUNet_extTrainer=str(trainer_folder()), nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
                nnUNet_compile="false", PYTHONUNBUFFERED="1")
     return env
 

@@ -22,13 +22,13 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.evaluation.claims import DEMO, Tolerances, check_claims
 from nnunetv2_pemma.evaluation.jobs import Job, Slot, cpu_slots, run_job, run_jobs, success_marker
 from nnunetv2_pemma.evaluation.table2 import ADAPTATION, BEFORE, INFER, write_table2
 from nnunetv2_pemma.plans import load_preset, preset_names
 
-REPO = Path(__file__).resolve().parents[2]
 LABELS = {"GTVp": 1, "GTVn": 2}
 DROP = "PEMMA (drop)"  # the PEMMA models, with an absent modality's tokens left out instead of a zero image
 PRETRAINING = ("CHUM", "CHUP", "CHUS", "CHUV")
@@ -170,11 +170,9 @@ class Protocol:
 
 
 def nnunet_environment(out: Path, device: str) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (out / name).mkdir(parents=True, exist_ok=True)
-        env[name] = str(out / name)
-    env["nnUNet_extTrainer"] = str(REPO / "trainers")
+    env = {**os.environ, **nnunet_variables(out)}
+    for name in NNUNET_FOLDERS:
+        Path(env[name]).mkdir(parents=True, exist_ok=True)
     if device == "cpu":  # nnU-Net's defaults spawn 8 export and 12 augmentation workers
         env.setdefault("nnUNet_def_n_proc", "1")
         env.setdefault("nnUNet_n_proc_DA", "0")

@@ -1,0 +1,11 @@
+"""nnU-Net trainers of nnunetv2-pemma, installed as ``nnunetv2_pemma.trainers``.
+
+nnU-Net finds them through ``nnUNet_extTrainer`` (``pemma env`` prints the export). One small subclass per
+behaviour, in folders named by what they change, as nnU-Net's ``training/nnUNetTrainer/variants``:
+
+- ``network_architecture/``: the transformer networks trained from scratch (UNETR, SwinUNETR);
+- ``adaptation/``: PEMMA's adaptation and continual updates (LoRA, DoRA);
+- ``baselines/``: early fusion;
+- ``variants/``: PET initialisation and modality dropout of the above;
+- ``benchmarking/``: trainers that time training steps (``benchmarks/speed_memory.py``).
+"""

@@ -1,0 +1,105 @@
+"""The common base of trainers that start from a trained model and change its network (PEMMA, early fusion)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2_pemma.errors import CheckpointError
+from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
+                                                 pretrained_weights_in_flight)
+from nnunetv2_pemma.training.networks import build_plain_network
+from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    if isinstance(network, DDP):
+        network = network.module
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+class AdaptingTrainer(UNETRTrainer):
+    """Starts from a trained model (`-pretrained_weights`) and changes the network once its weights are in.
+
+    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds a CT UNETR the
+    trainer builds that CT UNETR first (`_build_ct_base`) and converts it after loading (`convert`). The class's
+    own build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
+    """
+
+    # preset "adaptation" values this trainer variant overrides (recorded in its plans.json and checkpoints)
+    adaptation_overrides: dict[str, Any] = {}
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in self.adaptation_overrides.items():
+            self._set_pemma("adaptation", key, value)
+        self._adapted = False
+        self._weights_loaded = False
+        self._from_ct_base = False
+
+    def expected_checkpoint(self, path: str) -> str:
+        """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
+        return "ct_base"
+
+    def convert(self, ct_base: nn.Module) -> nn.Module:
+        """The network to train, made from the loaded CT UNETR."""
+        raise NotImplementedError
+
+    def freeze(self, network: nn.Module) -> None:
+        """Select the trainable parameters (all by default)."""
+
+    def _build_ct_base(self, plans_manager, configuration_manager, num_input_channels: int,
+                       num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return build_plain_network(self.pemma, 1, num_output_channels, configuration_manager.patch_size)
+
+    def initialize(self):
+        pretrained = pretrained_weights_in_flight()
+        if pretrained is not None:
+            expect = self.expected_checkpoint(pretrained)
+            theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
+            self._set_pemma(None, "modality_normalization", inherit_modality_normalization(self.pemma, theirs))
+            self._from_ct_base = expect == "ct_base"
+            if self._from_ct_base:
+                self.build_network_architecture = self._build_ct_base
+        super().initialize()
+        _unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
+
+    def _note_weights_loaded(self, module: nn.Module, incompatible_keys) -> None:
+        self._weights_loaded = True
+
+    def _adapt(self) -> None:
+        """Convert (when starting from the CT base), freeze, and rebuild the optimiser and DDP wrapper."""
+        network = _unwrap(self.network)
+        if self._from_ct_base:
+            network = self.convert(network)
+        self.freeze(network)
+        network = network.to(self.device)
+        if self.is_ddp:
+            # a modality absent from the data leaves its parameters without gradient
+            network = DDP(network, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                          find_unused_parameters=True)
+        self.network = network
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self._adapted = True
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if not self._adapted:
+            if not self._weights_loaded:
+                raise CheckpointError(f"{type(self).__name__} adapts a trained model: pass -pretrained_weights "
+                                      f"<.../fold_X/checkpoint_final.pth>")
+            self._adapt()
+        super().on_train_start()
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if not self._adapted:
+            self._adapt()  # a resumed or validated checkpoint already holds the converted network
+        super().load_checkpoint(filename_or_checkpoint)
