@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from nnunetv2_pemma.evaluation.jobs import Job, cpu_slots, run_jobs
-from nnunetv2_pemma.evaluation.reproduce import Model, Protocol, nnunet_environment, score_models
-from nnunetv2_pemma.evaluation.table2 import ADAPTATION, INFER
+from nnunetv2_pemma.experiments.reproduce import Model, Protocol, nnunet_environment, score_models
+from nnunetv2_pemma.experiments.scheduler import Job, cpu_slots, run_jobs
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, INFER
 from nnunetv2_pemma.plans import load_preset
 
 DEFAULT = ("PEMMATrainer_noModalityDropout", "PEMMATrainer_zeroinit", "PEMMATrainer_randominit")

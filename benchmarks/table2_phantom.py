@@ -17,9 +17,9 @@ import json
 import time
 from pathlib import Path
 
-from nnunetv2_pemma.evaluation.claims import BENCHMARK, check_claims
-from nnunetv2_pemma.evaluation.reproduce import run_protocol
-from nnunetv2_pemma.evaluation.table2 import aggregate, write_table2
+from nnunetv2_pemma.experiments.claims import BENCHMARK, check_claims
+from nnunetv2_pemma.experiments.reproduce import run_protocol
+from nnunetv2_pemma.experiments.table2 import aggregate, write_table2
 
 
 def main() -> None:

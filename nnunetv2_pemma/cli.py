@@ -73,7 +73,7 @@ def _merge_adapter(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.evaluation.reproduce import run_reproduce
+    from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
     print(run_reproduce(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
                         phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
@@ -81,7 +81,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.evaluation.reproduce import run_reproduce
+    from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
     print(run_reproduce(Path(args.out), "demo", hecktor=None, phantom_cases=args.cases_per_center,
                         phantom_size="small", device="cpu", scope="demo", seed=args.seed))

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunetv2_pemma.evaluation.claims import BENCHMARK, DEMO, check_claims
-from nnunetv2_pemma.evaluation.table2 import ADAPTATION, BEFORE, aggregate, table2_markdown, write_table2
+from nnunetv2_pemma.experiments.claims import BENCHMARK, DEMO, check_claims
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE, aggregate, table2_markdown, write_table2
 
 NEW = "New dataset 1"
 

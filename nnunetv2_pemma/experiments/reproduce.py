@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
 from nnunetv2_pemma.errors import PemmaError
-from nnunetv2_pemma.evaluation.claims import DEMO, Tolerances, check_claims
-from nnunetv2_pemma.evaluation.jobs import Job, Slot, cpu_slots, run_job, run_jobs, success_marker
-from nnunetv2_pemma.evaluation.table2 import ADAPTATION, BEFORE, INFER, write_table2
+from nnunetv2_pemma.experiments.claims import DEMO, Tolerances, check_claims
+from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs, success_marker
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE, INFER, write_table2
 from nnunetv2_pemma.plans import load_preset, preset_names
 
 LABELS = {"GTVp": 1, "GTVn": 2}

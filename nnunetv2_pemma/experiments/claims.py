@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nnunetv2_pemma.evaluation.table2 import ADAPTATION, BEFORE, cell
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE, cell
 
 
 @dataclass(frozen=True)
