@@ -13,18 +13,17 @@ Equal SUV therefore means equal network input across cases and centres.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from nnunetv2_pemma.config import PEMMA_KEY, Preset
 from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.errors import PlansError
-from nnunetv2_pemma.training.augmentation import SECTION as AUGMENTATION_SECTION
-from nnunetv2_pemma.training.augmentation import AugmentationChoice
 
-PEMMA_KEY = "pemma"
+__all__ = ["PEMMA_KEY", "add_preset", "channel_modalities", "load_preset", "preset_names", "transfer_plans"]
+
 PET_NORMALIZATION = "CTNormalization"
 
 
@@ -32,23 +31,18 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in preset_folder().glob("*.json"))
 
 
-def load_preset(name_or_path: str) -> dict[str, Any]:
-    """A preset by name (`plans/<name>.json`, installed as nnunetv2_pemma.presets) or by path, checked for what UNETR needs."""
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (`plans/<name>.json`, installed as nnunetv2_pemma.presets) or by path, parsed and checked."""
     path = Path(name_or_path)
     if not path.suffix == ".json":
         path = preset_folder() / f"{name_or_path}.json"
     if not path.is_file():
         raise PlansError(f"unknown preset '{name_or_path}': no file {path}; available: {', '.join(preset_names())}")
-    preset = json.loads(path.read_text())
-    missing = {"configuration", "patch_size", "batch_size", "model", "adaptation", "schedule"} - preset.keys()
-    if missing:
-        raise PlansError(f"preset {path} lacks {sorted(missing)}")
-    bad = [s for s in preset["patch_size"] if s % 16]
-    if len(preset["patch_size"]) != 3 or bad:
-        raise PlansError(f"preset {path}: UNETR needs a 3-D patch size divisible by 16, got {preset['patch_size']}")
-    AugmentationChoice.from_pemma(preset, where=f"preset {path}")
-    preset.setdefault("name", path.stem)
-    return preset
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlansError(f"preset {path}: not valid JSON ({e})") from None
+    return Preset.parse(raw, path.stem, str(path))
 
 
 def _preprocessed_dir(dataset: str | int) -> tuple[str, Path]:
@@ -109,12 +103,12 @@ def _set_channel_normalisation(configuration: dict[str, Any], schemes: list[str]
     configuration["use_mask_for_norm"] = [False] * len(schemes)
 
 
-def _pemma_block(preset: dict[str, Any], modalities: list[str]) -> dict[str, Any]:
-    block = {"preset": preset["name"], "model": preset["model"], "adaptation": preset["adaptation"],
-             "schedule": preset["schedule"], "input_modalities": modalities}
-    if AUGMENTATION_SECTION in preset:
-        block[AUGMENTATION_SECTION] = preset[AUGMENTATION_SECTION]
-    return block
+def _architecture_block(preset: Preset) -> dict[str, Any]:
+    """nnU-Net's "architecture" entry, naming the MONAI network the trainers build (not 3d_fullres's U-Net)."""
+    kwargs = preset.model.to_json()
+    architecture = kwargs.pop("architecture")
+    return {"network_class_name": f"monai.networks.nets.{architecture}", "arch_kwargs": kwargs,
+            "_kw_requires_import": []}
 
 
 def modality_normalization(plans: dict[str, Any], configuration: str, modalities: list[str]
@@ -157,14 +151,14 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
     preset = load_preset(preset_name)
     name, folder = _preprocessed_dir(dataset)
     plans = _load_plans(folder, plans_identifier)
-    parent = preset.get("inherits_from", "3d_fullres")
+    parent = preset.inherits_from
     if parent not in plans["configurations"]:
         raise PlansError(f"{folder / plans_identifier}.json has no '{parent}' configuration to inherit from")
     modalities = channel_modalities(json.loads((folder / "dataset.json").read_text()))
-    config_name = preset["configuration"]
-    configuration: dict[str, Any] = {"inherits_from": parent, "patch_size": preset["patch_size"],
-                                     "batch_size": preset["batch_size"],
-                                     PEMMA_KEY: _pemma_block(preset, modalities)}
+    config_name = preset.configuration
+    configuration: dict[str, Any] = {"inherits_from": parent, "patch_size": list(preset.patch_size),
+                                     "batch_size": preset.batch_size, "architecture": _architecture_block(preset),
+                                     PEMMA_KEY: preset.block(tuple(modalities)).to_json()}
     needs_preprocessing = "PET" in modalities
     if needs_preprocessing:
         parent_schemes = plans["configurations"][parent]["normalization_schemes"]
@@ -181,7 +175,7 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
     splits = _write_splits(name, folder)
     if needs_preprocessing:
         _preprocess(name, plans_identifier, config_name, num_processes)
-    return (f"{name}: added configuration '{config_name}' (preset {preset['name']}, channels {modalities}) to "
+    return (f"{name}: added configuration '{config_name}' (preset {preset.name}, channels {modalities}) to "
             f"{plans_identifier}.json; {splits}"
             + ("; preprocessed with PET on a global SUV window" if needs_preprocessing else
                f"; reuses the preprocessed data of {parent}"))
@@ -191,22 +185,23 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
                    preprocess: bool = True, num_processes: int = 1) -> str:
     """Give TARGET the SOURCE configuration so an adapted model sees CT exactly as its base model did.
 
-    Spacing, patch size and CT normalisation statistics come from SOURCE; TARGET's own fingerprint supplies the
-    statistics of channels SOURCE lacks (PET). Then TARGET is preprocessed with those plans.
+    nnU-Net's `move_plans_between_datasets` copies the plans (spacing, patch size, CT statistics) and sets the
+    target's reader; then the statistics of channels SOURCE lacks (PET) come from TARGET's own fingerprint and
+    every channel gets its modality's normalisation. Then TARGET is preprocessed with those plans.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
+        move_plans_between_datasets
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
     preset = load_preset(preset_name)
-    config_name = preset["configuration"]
+    config_name = preset.configuration
     source_name, source_folder = _preprocessed_dir(source)
     target_name, target_folder = _preprocessed_dir(target)
     source_plans = _load_plans(source_folder, plans_identifier)
     if config_name not in source_plans["configurations"]:
         raise PlansError(f"{source_name} has no '{config_name}' configuration: run "
-                         f"`pemma plans add {source_name} --preset {preset['name']}` (and train the base) first")
+                         f"`pemma plans add {source_name} --preset {preset.name}` (and train the base) first")
     target_plans_file = target_folder / f"{plans_identifier}.json"
     if target_plans_file.is_file() and not json.loads(target_plans_file.read_text()).get("pemma_transferred_from"):
         raise PlansError(f"{target_plans_file} exists and was not written by `pemma plans transfer`; pass "
@@ -221,12 +216,8 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
                                 check_dataset_integrity=True, clean=True, verbose=False)
     fingerprint = json.loads((target_folder / "dataset_fingerprint.json").read_text())
     shutil.copy(raw_json, target_folder / "dataset.json")
-    target_json = json.loads(raw_json.read_text())
-    example = next(iter(get_filenames_of_train_images_and_targets(str(raw_json.parent), target_json).values()))
-    plans = copy.deepcopy(source_plans)
-    plans["dataset_name"] = target_name
-    plans["image_reader_writer"] = determine_reader_writer_from_dataset_json(
-        target_json, example["images"][0], allow_nonmatching_filename=True, verbose=False).__name__
+    move_plans_between_datasets(source_name, target_name, plans_identifier)
+    plans = json.loads(target_plans_file.read_text())
     plans["pemma_transferred_from"] = source_name
 
     source_props = source_plans["foreground_intensity_properties_per_channel"]

@@ -69,5 +69,5 @@ def test_the_wheel_carries_trainers_and_presets(tmp_path: Path) -> None:
 def test_pemma_help_lists_the_subcommands(nnunet_env: dict[str, str]) -> None:
     out = run_ok(["pemma", "--help"], nnunet_env).stdout
     for command in ("demo", "env", "reproduce", "phantom", "convert-hecktor", "plans", "predict",
-                    "predict-late-fusion", "merge-adapter", "evaluate", "parameters"):
+                    "predict-late-fusion", "apply-adapter", "evaluate", "parameters"):
         assert command in out

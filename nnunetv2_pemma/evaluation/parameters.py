@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nnunetv2_pemma.adaptation.adapter import is_adapter_key
-from nnunetv2_pemma.networks import PEMMAUNETR, build_unetr, count_parameters, freeze_for_adaptation
-from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
+from nnunetv2_pemma.adaptation.methods import is_added, train_only
+from nnunetv2_pemma.config import MODALITIES
+from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.networks.build import build_early_fusion, build_pemma_network, build_plain_network
+from nnunetv2_pemma.networks.modality_slots import count_parameters
 from nnunetv2_pemma.plans import load_preset
 
 NUM_CLASSES = 3  # background, GTVp, GTVn
@@ -31,25 +33,29 @@ def _checkpoint_bytes(network: torch.nn.Module) -> int:
 
 
 def measure(preset_name: str) -> list[dict]:
+    """One row per method (CT base, early fusion when the backbone has it, late fusion, PEMMA); the last is PEMMA."""
     preset = load_preset(preset_name)
-    model, patch = preset["model"], preset["patch_size"]
-    base = build_unetr(model, 1, NUM_CLASSES, patch)
-    phi, _ = count_parameters(base)
-    pemma = PEMMAUNETR(model, preset["adaptation"], NUM_CLASSES, patch, ("CT", "PET"))
-    freeze_for_adaptation(pemma)
+    block, patch = preset.block(MODALITIES), preset.patch_size
+    architecture = preset.model.architecture
+    phi, _ = count_parameters(build_plain_network(block, 1, NUM_CLASSES, patch))
+    pemma = build_pemma_network(block, NUM_CLASSES, patch)
+    train_only(pemma, "adaptation")
     pemma_total, pemma_trainable = count_parameters(pemma)
-    early = EarlyFusionUNETR(model, NUM_CLASSES, patch)
-    early_total, _ = count_parameters(early)
-    rows = [
-        {"method": "CT UNETR (base, Phi)", "trainable": phi, "total": phi, "paper": "Phi = 92.58M"},
-        {"method": "Early fusion", "trainable": early_total, "total": early_total, "paper": "1.0043 x Phi"},
-        {"method": "Late fusion (CT + PET UNETR)", "trainable": phi, "total": 2 * phi, "paper": "2 x Phi"},
-        {"method": f"PEMMA ({preset['adaptation'].get('method', 'lora')}, r={preset['adaptation']['lora_rank']})",
+    rows = [{"method": f"CT {architecture} (base, Phi)", "trainable": phi, "total": phi, "paper": "Phi = 92.58M"}]
+    try:
+        early_total, _ = count_parameters(build_early_fusion(block, NUM_CLASSES, patch))
+        rows.append({"method": "Early fusion", "trainable": early_total, "total": early_total,
+                     "paper": "1.0043 x Phi"})
+    except PlansError:  # early fusion exists for UNETR only
+        pass
+    rows += [
+        {"method": f"Late fusion (CT + PET {architecture})", "trainable": phi, "total": 2 * phi, "paper": "2 x Phi"},
+        {"method": f"PEMMA ({preset.adaptation.method}, r={preset.adaptation.lora_rank})",
          "trainable": pemma_trainable, "total": pemma_total, "paper": "0.08 x Phi"},
     ]
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter.safetensors"
-        save_file({k: v.contiguous() for k, v in pemma.state_dict().items() if is_adapter_key(k)}, str(adapter))
+        save_file({k: v.contiguous() for k, v in pemma.state_dict().items() if is_added(k)}, str(adapter))
         rows[-1]["adapter_bytes"] = adapter.stat().st_size
         rows[-1]["checkpoint_bytes"] = _checkpoint_bytes(pemma)
     for r in rows:

@@ -7,14 +7,14 @@ trains afterwards, so CT and PET features entangle: the forgetting this causes i
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from monai.networks.nets import UNETR
 
-from nnunetv2_pemma.networks.pemma_unetr import PET_INITS, PEMMAUNETR
-from nnunetv2_pemma.networks.unetr import (MODALITIES, check_img_size, enable_sdpa, freeze_unused_norms,
-                                           unetr_kwargs)
+from nnunetv2_pemma.config import MODALITIES, PET_INITS
+from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, enable_sdpa, freeze_unused_norms
+from nnunetv2_pemma.networks.modality_slots import check_modalities
 
 class EarlyFusionUNETR(UNETR):
     """MONAI UNETR with input channels (CT, PET); a modality absent from the input is a zero channel.
@@ -22,15 +22,17 @@ class EarlyFusionUNETR(UNETR):
     Parameter names are MONAI UNETR's, so checkpoints load into a plain 2-channel UNETR too.
     """
 
-    def __init__(self, model: Mapping[str, Any], out_channels: int, img_size: Sequence[int],
+    def __init__(self, spec: UNETRSpec, out_channels: int, img_size: Sequence[int],
                  input_modalities: Sequence[str] = MODALITIES) -> None:
-        super().__init__(in_channels=len(MODALITIES), out_channels=out_channels, img_size=check_img_size(img_size),
-                         **unetr_kwargs(model))
+        super().__init__(in_channels=len(MODALITIES), out_channels=out_channels,
+                         img_size=spec.check_patch_size(img_size), **spec.kwargs())
         enable_sdpa(self.vit)
         freeze_unused_norms(self.vit)
         self.set_input_modalities(input_modalities)
 
-    set_input_modalities = PEMMAUNETR.set_input_modalities  # same validation of modality names
+    def set_input_modalities(self, modalities: Sequence[str]) -> None:
+        """Declare which modalities the input channels hold, in order (flexible C, P or CP inference)."""
+        self.input_modalities = check_modalities(modalities)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         """x_in: (B, len(input_modalities), D, H, W) -> logits (B, out_channels, D, H, W)."""

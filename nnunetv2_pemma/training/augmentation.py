@@ -27,7 +27,6 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from nnunetv2_pemma.errors import PlansError
 
 SECTION = "data_augmentation"
 
@@ -49,14 +48,12 @@ class AugmentationChoice:
     mirror: bool = True
 
     @classmethod
-    def from_pemma(cls, pemma: dict[str, Any], where: str = "the plans' pemma block") -> "AugmentationChoice":
-        section = pemma.get(SECTION)
-        if section is None:
-            return cls()
+    def parse(cls, section: Any) -> "AugmentationChoice":
+        """The preset's section; ValueError unless it maps some of the groups to true/false."""
         names = {f.name for f in fields(cls)}
         if not isinstance(section, dict) or set(section) - names or \
                 not all(isinstance(v, bool) for v in section.values()):
-            raise PlansError(f"{where}: '{SECTION}' must map some of {sorted(names)} to true/false, got {section!r}")
+            raise ValueError(f"'{SECTION}' must map some of {sorted(names)} to true/false, got {section!r}")
         return cls(**section)
 
     def dropped(self) -> tuple[type[BasicTransform], ...]:

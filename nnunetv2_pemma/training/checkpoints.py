@@ -7,29 +7,33 @@ whose shape differs. PEMMA trainers check the file first and name every hyper-pa
 
 from __future__ import annotations
 
-import inspect
+import argparse
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nnunetv2_pemma.adaptation.methods import is_added
+from nnunetv2_pemma.config import PEMMA_KEY, PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
-from nnunetv2_pemma.plans import PEMMA_KEY
+from nnunetv2_pemma.networks.backbones import parse_model
 
 
+def pretrained_weights_argument(argv: Sequence[str] | None = None) -> str | None:
+    """The file given to `nnUNetv2_train ... -pretrained_weights FILE`, or None.
 
-def pretrained_weights_in_flight() -> str | None:
-    """The file nnU-Net's `-pretrained_weights` is about to load, when called from that code path.
-
-    nnU-Net does not hand the file to the trainer; it sits in the caller's frame
-    (`nnunetv2.run.run_training.maybe_load_checkpoint`). Returns None anywhere else.
+    nnU-Net lacks a hook here: `run_training` passes the file to `load_pretrained_weights` after
+    `trainer.initialize()` but never to the trainer, which must know it earlier (to build the CT base it converts,
+    and to name what differs before nnU-Net's first assertion). nnUNetv2_train's command line (kept by DDP's
+    spawned workers) is the one place the trainer can read it. Runs started through nnU-Net's Python API without
+    that argument get nnU-Net's own check only.
     """
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "maybe_load_checkpoint" and "pretrained_weights_file" in frame.f_locals:
-            return frame.f_locals["pretrained_weights_file"]
-        frame = frame.f_back
-    return None
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-pretrained_weights", default=None)
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.pretrained_weights
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -68,7 +72,19 @@ def input_channels(checkpoint: dict[str, Any]) -> int | None:
     return None
 
 
-def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[int], *, expect: str
+def _model_differences(theirs: dict[str, Any], ours: PemmaBlock) -> list[str]:
+    try:
+        their_model = parse_model(theirs["model"])
+    except (KeyError, ValueError, TypeError) as e:
+        return [f"its model section is not valid ({e})"]
+    if type(their_model) is not type(ours.model):
+        return [f"architecture {their_model.architecture} (checkpoint) vs {ours.model.architecture} (this network)"]
+    mine, other = ours.model.to_json(), their_model.to_json()
+    return [f"{k} {other.get(k)} (checkpoint) vs {mine.get(k)} (this network)"
+            for k in sorted(set(mine) | set(other)) if other.get(k) != mine.get(k)]
+
+
+def check_compatible(path: str | Path, block: PemmaBlock, patch_size: Sequence[int], *, expect: str
                      ) -> dict[str, Any]:
     """The checkpoint's "pemma" block; CheckpointError naming everything that differs from the network to build.
 
@@ -81,21 +97,19 @@ def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[i
     if theirs is None:
         raise CheckpointError(f"{path}: written by {trainer} with a configuration that is not a PEMMA UNETR "
                               f"(no 'pemma' block in its plans); expected a UNETR trained with a PEMMA preset")
-    ours_model, their_model = pemma["model"], theirs["model"]
-    differences = [f"{k} {their_model.get(k)} (checkpoint) vs {ours_model.get(k)} (this network)"
-                   for k in sorted(set(ours_model) | set(their_model)) if their_model.get(k) != ours_model.get(k)]
+    differences = _model_differences(theirs, block)
     their_patch = _checkpoint_patch_size(checkpoint)
     if their_patch != list(patch_size):
         differences.append(f"patch size {their_patch} (checkpoint) vs {list(patch_size)} (this network)")
-    has_adapters = any("lora" in k for k in checkpoint["network_weights"])
+    has_adapters = any(is_added(k) for k in checkpoint["network_weights"])
     channels = input_channels(checkpoint)
     if expect == "pemma":
         if not has_adapters:
             differences.append(f"no PEMMA adapters (LoRA, PET embedding): {trainer} wrote a plain UNETR; "
                                f"train it with PEMMATrainer first")
-        elif theirs["adaptation"].get("method", "lora") != pemma["adaptation"].get("method", "lora"):
+        elif theirs["adaptation"].get("method", "lora") != block.adaptation.method:
             differences.append(f"adapter method {theirs['adaptation'].get('method', 'lora')} (checkpoint) vs "
-                               f"{pemma['adaptation'].get('method', 'lora')} (this network)")
+                               f"{block.adaptation.method} (this network)")
     elif has_adapters:
         differences.append(f"it already holds PEMMA adapters ({trainer}); a continual update uses "
                            f"PEMMAContinualTrainer")
@@ -109,7 +123,7 @@ def check_compatible(path: str | Path, pemma: dict[str, Any], patch_size: list[i
     return theirs
 
 
-def inherit_modality_normalization(own: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+def inherit_modality_normalization(own: PemmaBlock, theirs: dict[str, Any]) -> dict[str, Any]:
     """Normalisation per modality: this dataset's own, plus the checkpoint's for modalities it lacks (PET after
     a CT-only update), so the updated model still takes every modality it was adapted to."""
-    return {**theirs.get("modality_normalization", {}), **own.get("modality_normalization", {})}
+    return {**theirs.get("modality_normalization", {}), **own.modality_normalization}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,13 +11,14 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2_pemma.errors import CheckpointError
+from nnunetv2_pemma.networks.build import build_plain_network
 from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
-                                                 pretrained_weights_in_flight)
-from nnunetv2_pemma.training.networks import build_plain_network
+                                                 pretrained_weights_argument)
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside nnU-Net's DDP and torch.compile wrappers."""
     if isinstance(network, DDP):
         network = network.module
     return network._orig_mod if isinstance(network, OptimizedModule) else network
@@ -25,9 +27,9 @@ def _unwrap(network: nn.Module) -> nn.Module:
 class AdaptingTrainer(UNETRTrainer):
     """Starts from a trained model (`-pretrained_weights`) and changes the network once its weights are in.
 
-    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds a CT UNETR the
-    trainer builds that CT UNETR first (`_build_ct_base`) and converts it after loading (`convert`). The class's
-    own build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
+    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds a CT base the
+    trainer holds that CT network until the weights are loaded and converts it then (`convert`). The class's static
+    build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
     """
 
     # preset "adaptation" values this trainer variant overrides (recorded in its plans.json and checkpoints)
@@ -36,8 +38,9 @@ class AdaptingTrainer(UNETRTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        for key, value in self.adaptation_overrides.items():
-            self._set_pemma("adaptation", key, value)
+        if self.adaptation_overrides:
+            adaptation = dataclasses.replace(self.pemma.adaptation, **self.adaptation_overrides)
+            self._set_pemma(dataclasses.replace(self.pemma, adaptation=adaptation))
         self._adapted = False
         self._weights_loaded = False
         self._from_ct_base = False
@@ -47,34 +50,39 @@ class AdaptingTrainer(UNETRTrainer):
         return "ct_base"
 
     def convert(self, ct_base: nn.Module) -> nn.Module:
-        """The network to train, made from the loaded CT UNETR."""
+        """The network to train, made from the loaded CT network."""
         raise NotImplementedError
 
     def freeze(self, network: nn.Module) -> None:
         """Select the trainable parameters (all by default)."""
 
-    def _build_ct_base(self, plans_manager, configuration_manager, num_input_channels: int,
-                       num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_plain_network(self.pemma, 1, num_output_channels, configuration_manager.patch_size)
+    def _adapted_network(self) -> nn.Module:
+        return type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                     self.num_input_channels,
+                                                     self.label_manager.num_segmentation_heads)
 
     def initialize(self):
-        pretrained = pretrained_weights_in_flight()
+        pretrained = None if self.was_initialized else pretrained_weights_argument()
         if pretrained is not None:
             expect = self.expected_checkpoint(pretrained)
             theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
-            self._set_pemma(None, "modality_normalization", inherit_modality_normalization(self.pemma, theirs))
+            self._set_pemma(dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(
+                self.pemma, theirs)))
             self._from_ct_base = expect == "ct_base"
-            if self._from_ct_base:
-                self.build_network_architecture = self._build_ct_base
         super().initialize()
-        _unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
+        if self._from_ct_base:
+            # what nnU-Net's load_pretrained_weights loads into: the CT network, converted in _adapt
+            ct_base = build_plain_network(self.pemma, 1, self.label_manager.num_segmentation_heads,
+                                          self.configuration_manager.patch_size).to(self.device)
+            self.network = DDP(ct_base, device_ids=[self.local_rank]) if self.is_ddp else ct_base
+        unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
 
     def _note_weights_loaded(self, module: nn.Module, incompatible_keys) -> None:
         self._weights_loaded = True
 
     def _adapt(self) -> None:
         """Convert (when starting from the CT base), freeze, and rebuild the optimiser and DDP wrapper."""
-        network = _unwrap(self.network)
+        network = unwrap(self.network)
         if self._from_ct_base:
             network = self.convert(network)
         self.freeze(network)

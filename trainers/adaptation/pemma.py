@@ -6,40 +6,40 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunetv2_pemma.adaptation.adapter import ADAPTER_FILE, save_adapter
-from nnunetv2_pemma.networks import freeze_for_adaptation, freeze_for_continual
-from nnunetv2_pemma.training.config import pemma_config
-from nnunetv2_pemma.training.networks import build_pemma_network
-from nnunetv2_pemma.trainers.adaptation.adapting import AdaptingTrainer, _unwrap
+from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, save_adapter
+from nnunetv2_pemma.adaptation.methods import Stage, train_only
+from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.networks.build import build_pemma_network
+from nnunetv2_pemma.trainers.adaptation.adapting import AdaptingTrainer, unwrap
 
 
 class PEMMATrainer(AdaptingTrainer):
-    """CT UNETR -> CT+PET: PET tokens, a PET input skip and LoRA on Q/V train; the CT base stays frozen.
+    """CT network -> CT+PET: PET tokens, a PET input skip and LoRA on Q/V train; the CT base stays frozen.
 
     Start it with `-pretrained_weights <UNETRTrainer checkpoint_final.pth>`. Next to checkpoint_final.pth it
     writes the trained weights alone (adapter_final.safetensors).
     """
 
+    stage: Stage = "adaptation"
+
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_pemma_network(pemma_config(configuration_manager), num_output_channels,
+        return build_pemma_network(PemmaBlock.of(configuration_manager), num_output_channels,
                                    configuration_manager.patch_size)
 
     def convert(self, ct_base: nn.Module) -> nn.Module:
-        adapted = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
-                                                        self.num_input_channels,
-                                                        self.label_manager.num_segmentation_heads)
+        adapted = self._adapted_network()
         adapted.load_base_state_dict(ct_base.state_dict())
         return adapted
 
     def freeze(self, network: nn.Module) -> None:
-        freeze_for_adaptation(network)
+        train_only(network, self.stage)
 
     def on_train_end(self):
         super().on_train_end()
         if self.local_rank == 0:
-            save_adapter(_unwrap(self.network).state_dict(), Path(self.output_folder) / ADAPTER_FILE,
+            save_adapter(unwrap(self.network).state_dict(), Path(self.output_folder) / ADAPTER_FILE,
                          trainer_name=type(self).__name__, configuration=self.configuration_name,
                          plans=self.plans_manager.plans, dataset_json=self.dataset_json,
                          mirroring_axes=self.inference_allowed_mirroring_axes)
@@ -51,11 +51,10 @@ class PEMMAContinualTrainer(PEMMATrainer):
     Start it with `-pretrained_weights <PEMMATrainer checkpoint_final.pth>`; a missing modality is zero.
     """
 
+    stage: Stage = "continual"
+
     def expected_checkpoint(self, path: str) -> str:
         return "pemma"
-
-    def freeze(self, network: nn.Module) -> None:
-        freeze_for_continual(network)
 
 
 class PEMMADoRATrainer(PEMMATrainer):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.networks.build import build_early_fusion
 from nnunetv2_pemma.networks.early_fusion import widen_to_two_channels
 from nnunetv2_pemma.training.checkpoints import input_channels, load_checkpoint_file
-from nnunetv2_pemma.training.config import pemma_config
-from nnunetv2_pemma.training.networks import build_early_fusion_unetr
 from nnunetv2_pemma.trainers.adaptation.adapting import AdaptingTrainer
 
 
@@ -19,16 +19,14 @@ class EarlyFusionTrainer(AdaptingTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_early_fusion_unetr(pemma_config(configuration_manager), num_output_channels,
-                                        configuration_manager.patch_size)
+        return build_early_fusion(PemmaBlock.of(configuration_manager), num_output_channels,
+                                  configuration_manager.patch_size)
 
     def expected_checkpoint(self, path: str) -> str:
         return "ct_base" if input_channels(load_checkpoint_file(path)) == 1 else "early_fusion"
 
     def convert(self, ct_base: nn.Module) -> nn.Module:
-        fused = type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
-                                                      self.num_input_channels,
-                                                      self.label_manager.num_segmentation_heads)
+        fused = self._adapted_network()
         fused.load_state_dict(widen_to_two_channels(ct_base.state_dict(), fused.state_dict(),
-                                                    self.pemma["adaptation"]["pet_init"]))
+                                                    self.pemma.adaptation.pet_init))
         return fused

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_pemma.config import PEMMA_KEY, PemmaBlock
 from nnunetv2_pemma.errors import PlansError
-from nnunetv2_pemma.plans import PEMMA_KEY
-from nnunetv2_pemma.training.augmentation import AugmentationChoice, select_transforms
-from nnunetv2_pemma.training.config import epochs_from_schedule, limit_cpu_threads, pemma_config
-from nnunetv2_pemma.training.networks import architecture, build_plain_network
+from nnunetv2_pemma.networks.build import build_plain_network
+from nnunetv2_pemma.training.augmentation import select_transforms
+from nnunetv2_pemma.training.config import limit_cpu_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
@@ -24,31 +24,31 @@ class UNETRTrainer(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         limit_cpu_threads(self.device)
-        self.pemma = pemma_config(self.configuration_manager)
-        if architecture(self.pemma) != self.architecture:
+        self.pemma = PemmaBlock.of(self.configuration_manager)
+        if self.pemma.model.architecture != self.architecture:
             raise PlansError(f"{type(self).__name__} trains a {self.architecture}, but configuration {configuration} "
-                             f"holds a {architecture(self.pemma)} preset; pick the trainer of that architecture")
-        schedule = self.pemma["schedule"]
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
-            epochs_from_schedule(schedule)
-        self.initial_lr = schedule["initial_lr"]
-        self.weight_decay = schedule["weight_decay"]
-        self.augmentation = AugmentationChoice.from_pemma(self.pemma)
+                             f"holds a {self.pemma.model.architecture} preset; pick the trainer of that architecture")
+        schedule = self.pemma.schedule
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = schedule.epochs
+        self.initial_lr = schedule.initial_lr
+        self.weight_decay = schedule.weight_decay
         self.enable_deep_supervision = False
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return build_plain_network(pemma_config(configuration_manager), num_input_channels, num_output_channels,
+        return build_plain_network(PemmaBlock.of(configuration_manager), num_input_channels, num_output_channels,
                                    configuration_manager.patch_size)
 
-    def _set_pemma(self, section: str | None, key: str, value) -> None:
-        """Override a preset value for this run, also in the plans that plans.json and checkpoints record."""
-        for block in (self.pemma, self.plans_manager.plans["configurations"][self.configuration_name][PEMMA_KEY]):
-            (block if section is None else block[section])[key] = value
+    def _set_pemma(self, block: PemmaBlock) -> None:
+        """Change this run's block, also in the plans that plans.json and checkpoints record (and that nnU-Net's
+        configuration manager, from which build_network_architecture reads it, holds)."""
+        self.pemma = block
+        self.plans_manager.plans["configurations"][self.configuration_name][PEMMA_KEY] = block.to_json()
+        self.configuration_manager.configuration[PEMMA_KEY] = block.to_json()
 
     def configure_optimizers(self):
-        return build_optimizer(self.network, self.pemma["schedule"], self.num_epochs)
+        return build_optimizer(self.network, self.pemma.schedule, self.num_epochs)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """UNETR has one output head: nothing to switch."""
@@ -58,16 +58,16 @@ class UNETRTrainer(nnUNetTrainer):
         final size when the preset turns spatial augmentation off (as nnUNetTrainerNoDA)."""
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        if not self.pemma["schedule"].get("test_time_mirroring", True):
+        if not self.pemma.schedule.test_time_mirroring:
             self.inference_allowed_mirroring_axes = None
-        if not self.augmentation.spatial:
+        if not self.pemma.augmentation.spatial:
             initial_patch_size = self.configuration_manager.patch_size
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def get_training_transforms(self, *args, **kwargs):
         """nnU-Net's training transforms, less the groups the preset's data_augmentation section turns off.
         (An instance method where nnU-Net's is static: nnU-Net calls it through self.)"""
-        return select_transforms(nnUNetTrainer.get_training_transforms(*args, **kwargs), self.augmentation)
+        return select_transforms(nnUNetTrainer.get_training_transforms(*args, **kwargs), self.pemma.augmentation)
 
 
 class SwinUNETRTrainer(UNETRTrainer):

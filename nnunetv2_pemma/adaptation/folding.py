@@ -1,7 +1,8 @@
 """Fold LoRA / DoRA into the fused ``qkv`` weights for inference.
 
-After :func:`merge_lora_for_inference` every attention layer is a plain ``nn.Linear`` again: the low-rank
-branches cost nothing at inference, and the network computes what it did before (within float rounding).
+After :func:`fold_adapters` every attention layer is a plain ``nn.Linear`` again: the low-rank branches cost nothing
+at inference, and the network computes what it did before (within float rounding). (Putting an adapter file onto
+a base checkpoint is another thing: :func:`nnunetv2_pemma.adaptation.files.apply_adapter`.)
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
-from nnunetv2_pemma.networks.lora import LoRAQKVLinear
+from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 
-__all__ = ["merge_lora_for_inference"]
+__all__ = ["fold_adapters"]
 
 M = TypeVar("M", bound=nn.Module)
 
 
 @torch.no_grad()
-def merge_lora_for_inference(net: M) -> M:
+def fold_adapters(net: M) -> M:
     """Replace every :class:`LoRAQKVLinear` / ``DoRAQKVLinear`` in ``net`` by a plain ``nn.Linear`` whose weight
     is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight).
 

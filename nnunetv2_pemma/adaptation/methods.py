@@ -1,0 +1,115 @@
+"""Which parameters each adaptation method adds, and which of them train in each stage: declared once.
+
+As peft's ``adapter_layer_names``, a method names the parameters it adds by a prefix of their last name part; base
+parameter names never change inside an adapted network. Freezing, adapter files, checkpoint checks and base
+loading all read this declaration through :func:`added_by` / :func:`trainable_in`, so a new method (prior tokens,
+mixtures of adapters) joins with one :func:`register` call and no edit elsewhere.
+
+Stages: "adaptation" (CT base -> CT+PET, the base frozen) and "continual" (updates on new data, any modality).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
+from nnunetv2_pemma.errors import PlansError
+
+Stage = Literal["adaptation", "continual"]
+STAGES: tuple[Stage, ...] = ("adaptation", "continual")
+
+QKVWrapper = Callable[[nn.Linear, int, float], nn.Module]
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """One adaptation method.
+
+    Attributes:
+        name: its name in presets (``adaptation.method``) and in the registry.
+        prefixes: every parameter (or buffer) it adds has a name part starting with one of these.
+        trains: per stage, the prefixes whose parameters train (the rest of the network is frozen).
+        wrap_qkv: for methods that adapt attention, how a fused qkv ``nn.Linear`` is wrapped (rank, alpha).
+    """
+
+    name: str
+    prefixes: tuple[str, ...]
+    trains: dict[Stage, tuple[str, ...]] = field(default_factory=dict)
+    wrap_qkv: QKVWrapper | None = None
+
+
+REGISTRY: dict[str, AdapterMethod] = {}
+
+
+def register(method: AdapterMethod) -> AdapterMethod:
+    """Add a method to the registry (variants of one layer, as LoRA and DoRA, may share prefixes)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"adapter method {method.name!r} is registered already")
+    REGISTRY[method.name] = method
+    return method
+
+
+def _lora(use_dora: bool) -> QKVWrapper:
+    def wrap(linear: nn.Linear, rank: int, alpha: float) -> nn.Module:
+        return LoRAQKVLinear(linear, rank, alpha, use_dora=use_dora)
+
+    return wrap
+
+
+MODALITY_SLOTS = register(AdapterMethod(
+    "modality_slots", prefixes=("pet_",), trains={"adaptation": ("pet_",), "continual": ()}))
+"""PEMMA's PET branch: PET patch embedding, PET input skip, its weight beta (and Swin's fusion conv)."""
+
+LORA = register(AdapterMethod("lora", prefixes=("lora_",), trains={s: ("lora_",) for s in STAGES},
+                              wrap_qkv=_lora(use_dora=False)))
+DORA = register(AdapterMethod("dora", prefixes=("lora_",), trains={s: ("lora_",) for s in STAGES},
+                              wrap_qkv=_lora(use_dora=True)))
+
+
+def qkv_methods() -> tuple[str, ...]:
+    """Names of the registered methods that adapt attention (valid values of a preset's ``adaptation.method``)."""
+    return tuple(name for name, m in REGISTRY.items() if m.wrap_qkv is not None)
+
+
+def get_method(name: str) -> AdapterMethod:
+    if name not in REGISTRY or REGISTRY[name].wrap_qkv is None:
+        raise PlansError(f"adaptation method {name!r} is not one of {list(qkv_methods())}")
+    return REGISTRY[name]
+
+
+def _parts(name: str) -> list[str]:
+    return name.split(".")
+
+
+def added_by(name: str) -> str | None:
+    """The prefix of the method that added the parameter or buffer `name`, or None for a base tensor.
+    Wrapper prefixes (``module.``, ``_orig_mod.``) are ignored: any dotted part may carry the prefix."""
+    prefixes = {p for m in REGISTRY.values() for p in m.prefixes}
+    return next((p for part in _parts(name) for p in prefixes if part.startswith(p)), None)
+
+
+def is_added(name: str) -> bool:
+    """True for what an adaptation method added; False for the base network's own tensors."""
+    return added_by(name) is not None
+
+
+def trainable_in(name: str, stage: Stage, methods: Iterable[AdapterMethod]) -> bool:
+    """Whether parameter `name` trains in `stage` when the network carries `methods`."""
+    trained = {p for m in methods for p in m.trains.get(stage, ())}
+    return added_by(name) in trained
+
+
+def train_only(net: nn.Module, stage: Stage, methods: Iterable[AdapterMethod] | None = None) -> list[str]:
+    """Freeze everything but what `methods` (default: the network's ``adapter_methods``) train in `stage`; return
+    the names of the trainable parameters."""
+    methods = tuple(net.adapter_methods if methods is None else methods)
+    names = []
+    for name, p in net.named_parameters():
+        p.requires_grad_(trainable_in(name, stage, methods))
+        if p.requires_grad:
+            names.append(name)
+    return names

@@ -1,0 +1,210 @@
+"""Presets and the plans' "pemma" block, parsed once into typed sections.
+
+A preset file (`plans/<name>.json`) is checked when it is loaded; the block `pemma plans add/transfer` stores in an
+nnU-Net plans configuration is parsed again when a trainer or the predictor reads it. Architecture-specific rules
+(patch divisibility, model keys) belong to the architecture (`nnunetv2_pemma.networks.backbones`). Every problem
+is a `PlansError` naming the preset file or plans configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from nnunetv2_pemma.adaptation.methods import qkv_methods
+from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.networks.backbones import ModelSpec, parse_model
+from nnunetv2_pemma.training.augmentation import SECTION as AUGMENTATION_SECTION
+from nnunetv2_pemma.training.augmentation import AugmentationChoice
+
+PEMMA_KEY = "pemma"
+MODALITIES = ("CT", "PET")
+"""Modalities PEMMA knows, in the default channel order: the base model is CT-only, PET is added."""
+PET_INITS = ("random", "zero", "cross")
+MISSING_MODALITY_MODES = ("zero", "drop")
+OPTIMIZERS = ("AdamW",)
+LR_SCHEDULES = ("constant", "poly")
+
+
+def _fields_of(cls: type, section: Any, name: str) -> dict[str, Any]:
+    """The section as keyword arguments of dataclass `cls`; ValueError naming missing and unknown keys."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"'{name}' must be an object, got {section!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    required = [n for n, f in known.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in section]
+    unknown = sorted(set(section) - set(known))
+    if missing or unknown:
+        raise ValueError(f"'{name}' section: missing keys {missing}, unknown keys {unknown}")
+    return dict(section)
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """The preset's ``adaptation`` section: how PET is added and what adapts attention."""
+
+    lora_rank: int
+    lora_alpha: float
+    pet_init: str  # "cross" (copy CT's input layers), "zero" or "random"
+    beta: float  # weight of the PET input skip: z = z_CT + beta * z_PET
+    learnable_beta: bool
+    missing_modality: str  # "zero" (the paper: a zero image) or "drop" (its tokens left out)
+    modality_dropout: tuple[float, float, float] | None  # [p_CP, p_C, p_P] per training sample, or none
+    method: str = "lora"  # a registered qkv adapter method: "lora" or "dora"
+
+    @classmethod
+    def parse(cls, section: Any) -> "Adaptation":
+        kwargs = _fields_of(cls, section, "adaptation")
+        if kwargs.get("method", "lora") not in qkv_methods():
+            raise ValueError(f"adaptation method must be one of {list(qkv_methods())}, got {kwargs['method']!r}")
+        if kwargs["pet_init"] not in PET_INITS:
+            raise ValueError(f"pet_init must be one of {PET_INITS}, got {kwargs['pet_init']!r}")
+        if kwargs["missing_modality"] not in MISSING_MODALITY_MODES:
+            raise ValueError(f"missing_modality must be one of {MISSING_MODALITY_MODES}, got "
+                             f"{kwargs['missing_modality']!r}")
+        if not isinstance(kwargs["lora_rank"], int) or kwargs["lora_rank"] < 1:
+            raise ValueError(f"lora_rank must be a positive integer, got {kwargs['lora_rank']!r}")
+        probs = kwargs["modality_dropout"]
+        if probs is not None:
+            if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ValueError(f"modality_dropout must be probabilities [p_CP, p_C, p_P] summing to 1, got {probs}")
+            kwargs["modality_dropout"] = tuple(float(p) for p in probs)
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["modality_dropout"] = None if self.modality_dropout is None else list(self.modality_dropout)
+        return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The preset's ``schedule`` section: optimiser, iteration budget, test-time mirroring."""
+
+    optimizer: str
+    initial_lr: float
+    weight_decay: float
+    lr_schedule: str
+    num_iterations: int
+    num_iterations_per_epoch: int
+    num_val_iterations_per_epoch: int
+    test_time_mirroring: bool = True
+
+    @classmethod
+    def parse(cls, section: Any) -> "Schedule":
+        kwargs = _fields_of(cls, section, "schedule")
+        if kwargs["optimizer"] not in OPTIMIZERS:
+            raise ValueError(f"unsupported optimizer {kwargs['optimizer']!r} ({', '.join(OPTIMIZERS)} only)")
+        if kwargs["lr_schedule"] not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {kwargs['lr_schedule']!r} not in {list(LR_SCHEDULES)}")
+        for key in ("num_iterations", "num_iterations_per_epoch", "num_val_iterations_per_epoch"):
+            if not isinstance(kwargs[key], int) or kwargs[key] < 1:
+                raise ValueError(f"schedule {key} must be a positive integer, got {kwargs[key]!r}")
+        return cls(**kwargs)
+
+    @property
+    def epochs(self) -> tuple[int, int, int]:
+        """(num_epochs, iterations per epoch, validation iterations per epoch) for the iteration budget."""
+        return (max(1, math.ceil(self.num_iterations / self.num_iterations_per_epoch)),
+                self.num_iterations_per_epoch, self.num_val_iterations_per_epoch)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _augmentation(raw: Mapping[str, Any]) -> AugmentationChoice:
+    section = raw.get(AUGMENTATION_SECTION)
+    return AugmentationChoice() if section is None else AugmentationChoice.parse(section)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset file: the nnU-Net configuration it adds and the PEMMA sections."""
+
+    name: str
+    source: str  # the file it was read from, for messages
+    configuration: str
+    inherits_from: str
+    patch_size: tuple[int, ...]
+    batch_size: int
+    model: ModelSpec
+    adaptation: Adaptation
+    schedule: Schedule
+    augmentation: AugmentationChoice
+    description: str = ""
+
+    @classmethod
+    def parse(cls, raw: Any, name: str, source: str) -> "Preset":
+        where = f"preset {source}"
+        if not isinstance(raw, Mapping):
+            raise PlansError(f"{where}: expected a JSON object")
+        missing = {"configuration", "patch_size", "batch_size", "model", "adaptation", "schedule"} - raw.keys()
+        if missing:
+            raise PlansError(f"{where} lacks {sorted(missing)}")
+        try:
+            model = parse_model(raw["model"])
+            patch = model.check_patch_size(raw["patch_size"])
+            if not isinstance(raw["batch_size"], int) or raw["batch_size"] < 1:
+                raise ValueError(f"batch_size must be a positive integer, got {raw['batch_size']!r}")
+            return cls(name=raw.get("name", name), source=source, configuration=raw["configuration"],
+                       inherits_from=raw.get("inherits_from", "3d_fullres"), patch_size=patch,
+                       batch_size=raw["batch_size"], model=model, adaptation=Adaptation.parse(raw["adaptation"]),
+                       schedule=Schedule.parse(raw["schedule"]), augmentation=_augmentation(raw),
+                       description=raw.get("description", ""))
+        except (ValueError, TypeError) as e:
+            raise PlansError(f"{where}: {e}") from None
+
+    def block(self, input_modalities: tuple[str, ...]) -> "PemmaBlock":
+        return PemmaBlock(self.name, self.model, self.adaptation, self.schedule, self.augmentation,
+                          input_modalities)
+
+
+@dataclass(frozen=True)
+class PemmaBlock:
+    """The "pemma" block of an nnU-Net plans configuration: the preset's sections plus what the dataset adds
+    (its channels' modalities and, per modality, the normalisation the model was trained or adapted with)."""
+
+    preset: str
+    model: ModelSpec
+    adaptation: Adaptation
+    schedule: Schedule
+    augmentation: AugmentationChoice
+    input_modalities: tuple[str, ...]
+    modality_normalization: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, block: Any, where: str) -> "PemmaBlock":
+        try:
+            modalities = tuple(block["input_modalities"])
+            if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
+                raise ValueError(f"input_modalities must be distinct names from {MODALITIES}, got {list(modalities)}")
+            return cls(preset=block["preset"], model=parse_model(block["model"]),
+                       adaptation=Adaptation.parse(block["adaptation"]), schedule=Schedule.parse(block["schedule"]),
+                       augmentation=_augmentation(block), input_modalities=modalities,
+                       modality_normalization=dict(block.get("modality_normalization", {})))
+        except (KeyError, ValueError, TypeError) as e:
+            raise PlansError(f"{where}: the 'pemma' block is not valid ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def of(cls, configuration_manager: Any) -> "PemmaBlock":
+        """The block of an nnU-Net ConfigurationManager; PlansError when it is not a PEMMA configuration."""
+        block = configuration_manager.configuration.get(PEMMA_KEY)
+        if block is None:
+            raise PlansError("this plans configuration has no 'pemma' block: PEMMA trainers need a configuration "
+                             "made by `pemma plans add DATASET --preset NAME` (e.g. 3d_unetr), not "
+                             f"{configuration_manager.data_identifier}")
+        return cls.parse(block, f"plans configuration {configuration_manager.data_identifier}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"preset": self.preset, "model": self.model.to_json(),
+                               "adaptation": self.adaptation.to_json(), "schedule": self.schedule.to_json(),
+                               "input_modalities": list(self.input_modalities)}
+        if self.augmentation != AugmentationChoice():
+            out[AUGMENTATION_SECTION] = dataclasses.asdict(self.augmentation)
+        if self.modality_normalization:
+            out["modality_normalization"] = self.modality_normalization
+        return out

@@ -1,0 +1,36 @@
+"""Networks built from the plans' "pemma" block, as trainers and nnUNetv2_predict need them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.networks.backbones.swin import SwinUNETRSpec, build_swin_unetr
+from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, build_unetr
+from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
+from nnunetv2_pemma.networks.pemma_swin import PEMMASwinUNETR
+from nnunetv2_pemma.networks.pemma_unetr import PEMMAUNETR
+
+_PLAIN = {UNETRSpec: build_unetr, SwinUNETRSpec: build_swin_unetr}
+_PEMMA = {UNETRSpec: PEMMAUNETR, SwinUNETRSpec: PEMMASwinUNETR}
+
+
+def build_plain_network(block: PemmaBlock, num_input_channels: int, num_outputs: int,
+                        patch_size: Sequence[int]) -> nn.Module:
+    """MONAI UNETR or SwinUNETR over all input channels: a CT base, a PET-only model, a plain multi-channel one."""
+    return _PLAIN[type(block.model)](block.model, num_input_channels, num_outputs, patch_size)
+
+
+def build_pemma_network(block: PemmaBlock, num_outputs: int, patch_size: Sequence[int]) -> nn.Module:
+    """PEMMA network with modality slots CT and PET, fed the dataset's channels (block.input_modalities)."""
+    return _PEMMA[type(block.model)](block.model, block.adaptation, num_outputs, patch_size, block.input_modalities)
+
+
+def build_early_fusion(block: PemmaBlock, num_outputs: int, patch_size: Sequence[int]) -> EarlyFusionUNETR:
+    """Two-channel (CT, PET) UNETR fed the dataset's channels; an absent modality is a zero channel."""
+    if not isinstance(block.model, UNETRSpec):
+        raise PlansError(f"early fusion is implemented for UNETR presets, not {block.model.architecture}")
+    return EarlyFusionUNETR(block.model, num_outputs, patch_size, block.input_modalities)
