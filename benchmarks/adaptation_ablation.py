@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from nnunetv2_pemma.experiments.reproduce import Model, Protocol, nnunet_environment, score_models
+from nnunetv2_pemma.experiments.protocol import Model, Protocol, nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, cpu_slots, run_jobs
+from nnunetv2_pemma.experiments.scoring import score_models
 from nnunetv2_pemma.experiments.table2 import ADAPTATION, INFER
 from nnunetv2_pemma.plans import load_preset
 
@@ -41,7 +42,7 @@ def main() -> None:
     run_jobs(jobs, nnunet_environment(run, "cpu"), run / "logs", cpu_slots(2))
     protocol.models = [Model(t, ADAPTATION, "CP", 502, t, protocol.config) for t in
                        ("PEMMATrainer", "EarlyFusionTrainer", *args.trainers)]
-    rows = score_models(protocol, load_preset(args.preset)["schedule"].get("test_time_mirroring", True))
+    rows = score_models(protocol, load_preset(args.preset).schedule.test_time_mirroring)
     pd.DataFrame(rows).to_csv(run / "ablation.csv", index=False)
     columns = [(metric, infer) for metric in ("Tumor", "Lymph") for infer in INFER]
     lines = ["| trainer | " + " | ".join(f"{m} · infer {i}" for m, i in columns) + " |",

@@ -29,7 +29,6 @@ from datetime import datetime
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
 PREVIOUS_TINY = {"num_iterations": 30, "num_iterations_per_epoch": 15, "num_val_iterations_per_epoch": 2}
 
 
@@ -41,11 +40,10 @@ def run(args: list[str], env: dict[str, str]) -> float:
 
 
 def prepare(root: Path, presets: dict[str, dict]) -> dict[str, str]:
-    env = dict(os.environ)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        env[name] = str(root / name)
-    env.update(nnUNet_extTrainer=str(trainer_folder()), nnUNet_def_n_proc="1", nnUNet_compile="false")
+    from nnunetv2_pemma.experiments.protocol import nnunet_environment
+
+    env = nnunet_environment(root, "cpu")
+    data_augmentation_workers = env.pop("nnUNet_n_proc_DA")  # the planner rejects 0 (torch.set_num_threads)
     run(["pemma", "phantom", str(root / "hecktor"), "--cases-per-center", "8"], env)
     run(["pemma", "convert-hecktor", str(root / "hecktor"), "--dataset-id", "701", "--name", "CT", "--centers",
          "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
@@ -54,7 +52,7 @@ def prepare(root: Path, presets: dict[str, dict]) -> dict[str, str]:
         path = root / f"{name}.json"
         path.write_text(json.dumps(preset))
         run(["pemma", "plans", "add", "701", "--preset", str(path)], env)
-    env["nnUNet_n_proc_DA"] = "0"
+    env["nnUNet_n_proc_DA"] = data_augmentation_workers
     return env
 
 
@@ -132,8 +130,9 @@ def main() -> None:
     from nnunetv2_pemma.plans import load_preset
 
     out = Path(args.out).resolve()
-    preset = load_preset(args.preset)
-    preset.pop("name")
+    # the preset's own JSON (checked by load_preset), changed per variant and written next to the data
+    preset = json.loads(Path(load_preset(args.preset).source).read_text())
+    preset.pop("name", None)
     full = {k: v for k, v in preset.items() if k != "data_augmentation"}
     previous = full | {"configuration": "3d_unetr_previous", "schedule": preset["schedule"] | PREVIOUS_TINY}
     current = preset | {"configuration": "3d_unetr_current"}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nnunetv2_pemma.errors import PemmaError
-from nnunetv2_pemma.experiments.reproduce import Protocol
+from nnunetv2_pemma.experiments.protocol import Protocol
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_jobs
 from nnunetv2_pemma.experiments.table2 import (ADAPTATION, BEFORE, INFER, METHODS, columns_of, table2_markdown,
                                                write_table2)

@@ -1,0 +1,175 @@
+"""The PEMMA paper's protocol (Table 1 split, Table 2 matrix) as a graph of nnU-Net commands, and the models it
+trains, so that running them (`reproduce`) and scoring them (`scoring`) share one description.
+
+Stages: CT base on the pre-training centres (CHUM, CHUP, CHUS, CHUV); multi-modal adaptation on MDA (CT+PET);
+then new dataset 1 (HGJ) and new dataset 2 (HMR), each trained with CT alone (C) and with CT+PET (CP), each
+starting from the adaptation-stage models. Methods: PEMMA, early fusion, late fusion. Every model is evaluated
+with CP, C and P input on its stage's fold-0 validation cases, and so are the adaptation-stage models on each new
+centre's cases ("before the update": the reference that forgetting is measured against).
+
+The demo scope keeps what the claims need within 15 minutes on two cores: the adaptation stage and new dataset
+1's CT-only update (the forgetting test).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
+from nnunetv2_pemma.errors import PemmaError
+from nnunetv2_pemma.experiments.scheduler import Job, success_marker
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE
+from nnunetv2_pemma.plans import load_preset, preset_names
+
+PRETRAINING = ("CHUM", "CHUP", "CHUS", "CHUV")
+NEW_CENTRES = {"New dataset 1": ("HGJ", 510), "New dataset 2": ("HMR", 520)}
+# which new stages run, and with which training modalities
+SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "full": {"New dataset 1": ("C", "CP"), "New dataset 2": ("C", "CP")},
+    "demo": {"New dataset 1": ("C",)},
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """One trained model of the Table 2 matrix: how to predict CP, C and P with it."""
+
+    method: str
+    stage: str
+    train: str  # "CP", "C", or BEFORE (the adaptation-stage model scored on a new centre)
+    dataset: int  # the trained dataset (for PEMMA/early fusion), or the CT model's (late fusion)
+    trainer: str
+    config: str
+    pet_dataset: int | None = None  # late fusion: the PET model's dataset and configuration
+    pet_config: str | None = None
+
+
+class Protocol:
+    """The jobs and models of one reproduction run in OUT (nnU-Net folders under OUT/nnUNet_*)."""
+
+    def __init__(self, out: Path, data: Path, preset: str, device: str, scope: str = "full") -> None:
+        if scope not in SCOPES:
+            raise PemmaError(f"reproduce: scope {scope!r} is not one of {sorted(SCOPES)}")
+        self.out, self.data, self.preset_name, self.device, self.scope = out, data, preset, device, scope
+        self.config = load_preset(preset).configuration
+        # models trained from scratch (CT base, PET model) may have a longer preset of the same network
+        self.base_preset = f"{preset}_base" if f"{preset}_base" in preset_names() else preset
+        self.base_config = load_preset(self.base_preset).configuration
+        self.jobs: dict[str, Job] = {}
+        self.models: list[Model] = []
+        self._names: dict[int, str] = {}
+        self._build()
+
+    # --- paths ------------------------------------------------------------------------------------------------
+    def dataset_name(self, dataset_id: int) -> str:
+        return self._names[dataset_id]
+
+    def checkpoint(self, dataset_id: int, trainer: str, config: str | None = None) -> Path:
+        return self.model_folder(dataset_id, trainer, config) / "fold_0" / "checkpoint_final.pth"
+
+    def model_folder(self, dataset_id: int, trainer: str, config: str | None = None) -> Path:
+        return (self.out / "nnUNet_results" / self.dataset_name(dataset_id)
+                / f"{trainer}__nnUNetPlans__{config or self.config}")
+
+    # --- job construction -------------------------------------------------------------------------------------
+    def _add(self, job: Job) -> str:
+        self.jobs[job.name] = job
+        return job.name
+
+    def _convert(self, dataset_id: int, name: str, centres: Sequence[str], modalities: Sequence[str],
+                 after: list[str]) -> str:
+        self._names[dataset_id] = f"Dataset{dataset_id:03d}_{name}"
+        return self._add(Job(f"convert {dataset_id} {name}",
+                             ["pemma", "convert-hecktor", str(self.data), "--dataset-id", str(dataset_id), "--name",
+                              name, "--centers", *centres, "--modalities", *modalities],
+                             self.out / "nnUNet_raw" / self._names[dataset_id] / "dataset.json", after))
+
+    def _transfer(self, target: int, after: list[str]) -> str:
+        return self._add(Job(f"plans transfer 501->{target}",
+                             ["pemma", "plans", "transfer", "501", str(target), "--preset", self.preset_name],
+                             self.out / "nnUNet_preprocessed" / self.dataset_name(target) / "splits_final.json",
+                             after))
+
+    def _train(self, dataset_id: int, trainer: str, after: list[str], pretrained: Path | None = None,
+               config: str | None = None) -> str:
+        config = config or self.config
+        argv = ["nnUNetv2_train", str(dataset_id), config, "0", "-tr", trainer, "-device", self.device]
+        if pretrained is not None:
+            argv += ["-pretrained_weights", str(pretrained)]
+        return self._add(Job(f"train {trainer} {config} on {dataset_id}", argv,
+                             self.checkpoint(dataset_id, trainer, config), after, uses_device=True))
+
+    def _build(self) -> None:
+        pre = self.out / "nnUNet_preprocessed"
+        c501 = self._convert(501, "HNC_CT_pretraining", PRETRAINING, ["CT"], [])
+        plan = self._add(Job("plan and preprocess 501", ["nnUNetv2_plan_and_preprocess", "-d", "501", "-c",
+                                                         "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
+                             pre / self._names[501] / "nnUNetPlans_3d_fullres", [c501]))
+        add_base = self._add(Job("plans add 501 base", ["pemma", "plans", "add", "501", "--preset", self.base_preset],
+                                 success_marker(self.out / "logs", "plans add 501 base"), [plan]))
+        add = self._add(Job("plans add 501", ["pemma", "plans", "add", "501", "--preset", self.preset_name],
+                            success_marker(self.out / "logs", "plans add 501"), [add_base]))
+        base_job = self._train(501, "UNETRTrainer", [add], config=self.base_config)
+        base = self.checkpoint(501, "UNETRTrainer", self.base_config)
+
+        cp = self._transfer(502, [self._convert(502, "HNC_CTPET_MDA", ["MDA"], ["CT", "PET"], [add])])
+        p = self._transfer(503, [self._convert(503, "HNC_PET_MDA", ["MDA"], ["PET"], [add])])
+        pemma = self._train(502, "PEMMATrainer", [cp, base_job], base)
+        early = self._train(502, "EarlyFusionTrainer", [cp, base_job], base)
+        pet_model = self._train(503, "UNETRTrainer", [p], config=self.base_config)
+        cfg, base_cfg = self.config, self.base_config
+        adapted = [Model("Late fusion", ADAPTATION, "CP", 501, "UNETRTrainer", base_cfg, 503, base_cfg),
+                   Model("Early fusion", ADAPTATION, "CP", 502, "EarlyFusionTrainer", cfg),
+                   Model("PEMMA", ADAPTATION, "CP", 502, "PEMMATrainer", cfg)]
+        self.models += adapted
+
+        for stage, trained in SCOPES[self.scope].items():
+            centre, first_id = NEW_CENTRES[stage]
+            c_id, cp_id, p_id = first_id + 1, first_id + 2, first_id + 3
+            # the CP dataset's raw images are the inputs every model of the stage is scored on
+            convert_cp = self._convert(cp_id, f"HNC_CTPET_{centre}", [centre], ["CT", "PET"], [add])
+            self.jobs[convert_cp].after.append(c501)
+            self.models += [Model(m.method, stage, BEFORE, m.dataset, m.trainer, m.config, m.pet_dataset,
+                                  m.pet_config) for m in adapted]
+            ready = {}
+            if "C" in trained:
+                ready["C"] = self._transfer(c_id, [self._convert(c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])])
+            if "CP" in trained:
+                ready["CP"] = self._transfer(cp_id, [convert_cp])
+            for train, dataset_id in (("C", c_id), ("CP", cp_id)):
+                if train not in ready:
+                    continue
+                self._train(dataset_id, "PEMMAContinualTrainer", [ready[train], pemma],
+                            self.checkpoint(502, "PEMMATrainer"))
+                self._train(dataset_id, "EarlyFusionTrainer", [ready[train], early],
+                            self.checkpoint(502, "EarlyFusionTrainer"))
+                self.models += [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
+                                Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
+            # late fusion: the CT model is fine-tuned on the new CT data; with CP data the PET model is too
+            self._train(c_id, "UNETRTrainer", [ready.get("C") or self._transfer(c_id, [self._convert(
+                c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])]), base_job], base)
+            self.models.append(Model("Late fusion", stage, "C", c_id, "UNETRTrainer", cfg, 503, base_cfg))
+            if "CP" in trained:
+                pj = self._transfer(p_id, [self._convert(p_id, f"HNC_PET_{centre}", [centre], ["PET"], [add])])
+                self._train(p_id, "UNETRTrainer", [pj, pet_model], self.checkpoint(503, "UNETRTrainer", base_cfg))
+                self.models.append(Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", cfg, p_id, cfg))
+
+    def evaluation_dataset(self, stage: str) -> int:
+        """The CT+PET dataset whose fold-0 validation cases score a stage's models."""
+        return 502 if stage == ADAPTATION else NEW_CENTRES[stage][1] + 2
+
+
+def nnunet_environment(out: Path, device: str) -> dict[str, str]:
+    """The environment of a run's jobs and its in-process inference: nnU-Net's folders under OUT (created), and
+    on CPU one process where nnU-Net would start worker pools."""
+    env = {**os.environ, **nnunet_variables(out)}
+    for name in NNUNET_FOLDERS:
+        Path(env[name]).mkdir(parents=True, exist_ok=True)
+    if device == "cpu":  # nnU-Net's defaults spawn 8 export and 12 augmentation workers
+        env.setdefault("nnUNet_def_n_proc", "1")
+        env.setdefault("nnUNet_n_proc_DA", "0")
+        env.setdefault("nnUNet_compile", "false")
+    return env
