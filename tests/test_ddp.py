@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,11 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nnunetv2_pemma.networks import PEMMAUNETR, build_unetr, freeze_for_adaptation
+from networks_helpers import CLASSES, Tiny
+from nnunetv2_pemma.adaptation.methods import train_only
 
-TINY = json.loads((Path(__file__).resolve().parents[1] / "plans" / "tiny.json").read_text())
-IMG = (32, 32, 32)
-CLASSES = 3
 WORLD_SIZE = 2
 
 
@@ -39,17 +35,15 @@ def _worker(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(rank)  # different initial PEMMA parameters: DDP must broadcast rank 0's
-        base = build_unetr(TINY["model"], 1, CLASSES, IMG)
-        adaptation = {**TINY["adaptation"], "missing_modality": "drop"}
-        net = PEMMAUNETR(TINY["model"], adaptation, CLASSES, IMG, ["CT"])
-        net.load_base_state_dict(base.state_dict())
-        freeze_for_adaptation(net)
+        tiny = Tiny.of("UNETR")
+        net = tiny.adapted(tiny.base(), ["CT"], missing_modality="drop")
+        train_only(net, "adaptation")
         ddp = DistributedDataParallel(net, find_unused_parameters=True)
         start = {k: v.clone() for k, v in net.state_dict().items()}
         optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(2):
-            x = torch.randn(1, 1, *IMG)  # each rank its own data
-            target = torch.randint(0, CLASSES, (1, *IMG))
+            x = tiny.image(1, batch=1)  # each rank its own data
+            target = torch.randint(0, CLASSES, (1, *tiny.img))
             optimizer.zero_grad()
             nn.functional.cross_entropy(ddp(x), target).backward()
             optimizer.step()

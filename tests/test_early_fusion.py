@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import REPO
+from networks_helpers import CLASSES, Tiny
+from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.networks.build import build_early_fusion
 from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR, widen_to_two_channels
-from nnunetv2_pemma.networks.unetr import build_unetr
 
-MODEL = json.loads((REPO / "plans" / "tiny.json").read_text())["model"]
-SIZE = (32, 32, 32)
+TINY = Tiny.of("UNETR")
+SIZE = TINY.img
 
 
 @pytest.fixture(scope="module")
 def ct_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_unetr(MODEL, 1, 3, SIZE).eval()
+    return TINY.base()
 
 
 def _fused(ct_model: torch.nn.Module, pet_init: str) -> EarlyFusionUNETR:
-    fused = EarlyFusionUNETR(MODEL, 3, SIZE).eval()
+    fused = EarlyFusionUNETR(TINY.preset.model, CLASSES, SIZE).eval()
     fused.load_state_dict(widen_to_two_channels(ct_model.state_dict(), fused.state_dict(), pet_init))
     return fused
 
@@ -62,9 +61,16 @@ def test_absent_modality_is_a_zero_channel(ct_model: torch.nn.Module) -> None:
 
 
 def test_bad_pet_init_and_foreign_base_fail(ct_model: torch.nn.Module) -> None:
-    fused = EarlyFusionUNETR(MODEL, 3, SIZE)
+    fused = EarlyFusionUNETR(TINY.preset.model, CLASSES, SIZE)
     with pytest.raises(ValueError, match="pet_init"):
         widen_to_two_channels(ct_model.state_dict(), fused.state_dict(), "ones")
-    other = build_unetr({**MODEL, "hidden_size": 60, "num_heads": 3}, 1, 3, SIZE)
+    other = TINY.with_model(hidden_size=60, num_heads=3).base()
     with pytest.raises(ValueError, match="cannot be widened|lacks"):
         widen_to_two_channels(other.state_dict(), fused.state_dict(), "zero")
+
+
+def test_built_from_the_plans_block_for_unetr_only() -> None:
+    fused = build_early_fusion(TINY.block(("PET",)), CLASSES, SIZE)
+    assert isinstance(fused, EarlyFusionUNETR) and fused.input_modalities == ("PET",)
+    with pytest.raises(PlansError, match="early fusion is implemented for UNETR presets, not SwinUNETR"):
+        build_early_fusion(Tiny.of("SwinUNETR").block(), CLASSES, Tiny.of("SwinUNETR").img)

@@ -7,34 +7,19 @@ and gradients, which pins our fused implementation to peft's (incl. DoRA's detac
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import dataclasses
 
 import pytest
 import torch
 import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 
-from nnunetv2_pemma.networks import (
-    PEMMAUNETR,
-    DoRAQKVLinear,
-    LoRAQKVLinear,
-    build_unetr,
-    count_parameters,
-    freeze_for_adaptation,
-    freeze_for_continual,
-    is_pemma_parameter,
-    set_lora_enabled,
-    wrap_qkv,
-)
+from networks_helpers import ATTENTION_LAYERS, CLASSES, Tiny, adaptation_sizes
+from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear, set_adapters_enabled
+from nnunetv2_pemma.adaptation.methods import DORA, LORA, get_method, is_added, train_only
+from nnunetv2_pemma.errors import PlansError
 
-PLANS = Path(__file__).resolve().parents[1] / "plans"
-TINY_DORA = json.loads((PLANS / "tiny_dora.json").read_text())
-PAPER = json.loads((PLANS / "paper.json").read_text())
-PAPER_DORA = json.loads((PLANS / "paper_dora.json").read_text())
 D_IN, D, RANK, ALPHA = 20, 24, 4, 8  # scaling 2, so a wrong scaling cannot pass
-IMG = (32, 32, 32)
-CLASSES = 3
 METHODS_AND_BIAS = [(m, b) for m in ("lora", "dora") for b in (False, True)]
 
 
@@ -63,7 +48,7 @@ def peft_reference(ours: LoRAQKVLinear, copy_adapters: bool = True) -> SeparateQ
         r=ours.rank,
         lora_alpha=ours.alpha,
         target_modules=["q", "v"],
-        use_dora=isinstance(ours, DoRAQKVLinear),
+        use_dora=ours.use_dora,
         lora_dropout=0.0,
     )
     ref = inject_adapter_in_model(config, SeparateQKV(ours))
@@ -73,7 +58,7 @@ def peft_reference(ours: LoRAQKVLinear, copy_adapters: bool = True) -> SeparateQ
                 layer = getattr(ref, part)
                 layer.lora_A["default"].weight.copy_(getattr(ours, f"lora_A_{part}"))
                 layer.lora_B["default"].weight.copy_(getattr(ours, f"lora_B_{part}"))
-                if isinstance(ours, DoRAQKVLinear):
+                if ours.use_dora:
                     layer.lora_magnitude_vector["default"].weight.copy_(getattr(ours, f"lora_magnitude_{part}"))
     ref.requires_grad_(True)
     return ref
@@ -81,7 +66,7 @@ def peft_reference(ours: LoRAQKVLinear, copy_adapters: bool = True) -> SeparateQ
 
 def ours_trained(method: str, bias: bool) -> LoRAQKVLinear:
     """Our layer with non-trivial factors and magnitudes, as after some training."""
-    layer = wrap_qkv(nn.Linear(D_IN, 3 * D, bias=bias), RANK, ALPHA, method)
+    layer = get_method(method).wrap_qkv(nn.Linear(D_IN, 3 * D, bias=bias), RANK, ALPHA)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "lora_B" in name:
@@ -132,7 +117,7 @@ def test_outputs_and_gradients_equal_peft(method, bias):
 
 
 def test_dora_magnitudes_are_initialised_as_peft():
-    ours = wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA, "dora")
+    ours = DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA)
     ref = peft_reference(ours, copy_adapters=False)  # peft's own init: norms of the base Q and V rows
     torch.testing.assert_close(ours.lora_magnitude_q, ref.q.lora_magnitude_vector["default"].weight)
     torch.testing.assert_close(ours.lora_magnitude_v, ref.v.lora_magnitude_vector["default"].weight)
@@ -152,81 +137,93 @@ def test_merged_weight_matches_forward_and_peft_merge(method, bias):
     torch.testing.assert_close(merged, peft_merged)
 
 
-# --- DoRA layer ---------------------------------------------------------------------------------------------
+# --- the layer on its own -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_dora_equals_base_at_init_and_when_disabled(bias):
+@pytest.mark.parametrize(("method", "bias"), METHODS_AND_BIAS)
+def test_layer_is_the_base_at_init_and_when_disabled(method, bias):
     base = nn.Linear(D_IN, 3 * D, bias=bias)
-    dora = wrap_qkv(base, RANK, ALPHA, "dora")
-    assert isinstance(dora, DoRAQKVLinear) and dora.weight is base.weight and dora.bias is base.bias
-    expected = {"weight", "lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v", "lora_magnitude_q", "lora_magnitude_v"}
-    assert {n for n, _ in dora.named_parameters()} == expected | ({"bias"} if bias else set())
-    assert dora.lora_magnitude_q.shape == dora.lora_magnitude_v.shape == (D,)
-    torch.testing.assert_close(dora.lora_magnitude_v, base.weight[2 * D :].norm(dim=1))
+    layer = get_method(method).wrap_qkv(base, RANK, ALPHA)
+    assert type(layer) is LoRAQKVLinear and layer.use_dora == (method == "dora")
+    assert layer.weight is base.weight and layer.bias is base.bias and layer.scaling == 2.0
+    added = {"lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"}
+    added |= {"lora_magnitude_q", "lora_magnitude_v"} if method == "dora" else set()
+    assert {n for n, _ in layer.named_parameters()} == added | {"weight"} | ({"bias"} if bias else set())
+    assert layer.lora_A_q.shape == (RANK, D_IN) and layer.lora_B_v.shape == (D, RANK)
+    assert layer.lora_A_q.abs().sum() > 0 and layer.lora_B_q.abs().sum() == 0
+    if method == "dora":
+        assert layer.lora_magnitude_q.shape == layer.lora_magnitude_v.shape == (D,)
+        torch.testing.assert_close(layer.lora_magnitude_v, base.weight[2 * D :].norm(dim=1))
+    result = nn.Linear(D_IN, 3 * D, bias=bias).load_state_dict(layer.state_dict(), strict=False)
+    assert sorted(result.unexpected_keys) == sorted(added) and not result.missing_keys
 
     x = torch.randn(2, 7, D_IN)
     with torch.no_grad():
-        assert torch.equal(dora(x), base(x))  # B = 0 and m = ||W||: exactly the base
-        dora.lora_B_q.normal_()
-        dora.lora_magnitude_v.mul_(2)
-        out = dora(x)
-        assert torch.equal(out[..., D : 2 * D], base(x)[..., D : 2 * D])  # K untouched
-        assert not torch.allclose(out, base(x))
-        dora.enabled = False
-        assert torch.equal(dora(x), base(x)) and dora.merged_weight() is dora.weight
+        ref = base(x)
+        assert torch.equal(layer(x), ref)  # B = 0 (and DoRA: m = ||W||): exactly the base
+        layer.lora_B_q.normal_()
+        if method == "dora":
+            layer.lora_magnitude_v.mul_(2)
+        else:
+            layer.lora_B_v.normal_()
+        out = layer(x)
+        assert torch.equal(out[..., D : 2 * D], ref[..., D : 2 * D])  # K untouched
+        q, v = slice(0, D), slice(2 * D, 3 * D)
+        assert not torch.allclose(out[..., q], ref[..., q]) and not torch.allclose(out[..., v], ref[..., v])
+        layer.enabled = False
+        assert torch.equal(layer(x), ref) and layer.merged_weight() is layer.weight
 
 
-def test_wrap_qkv_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="'ia3'"):
-        wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA, "ia3")
-    with pytest.raises(ValueError, match="DoRAQKVLinear"):
-        wrap_qkv(wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA, "dora"), RANK, ALPHA, "lora")
-    assert type(wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA)) is LoRAQKVLinear
+def test_layer_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="3 \\* d"):
+        LoRAQKVLinear(nn.Linear(D_IN, 100), rank=RANK, alpha=ALPHA)
+    with pytest.raises(ValueError, match="rank"):
+        LoRAQKVLinear(nn.Linear(D_IN, 3 * D), rank=0, alpha=ALPHA)
 
 
-# --- PEMMAUNETR with DoRA -----------------------------------------------------------------------------------
+def test_registry_wraps_qkv_with_lora_or_dora_only():
+    with pytest.raises(PlansError, match="'ia3'"):
+        get_method("ia3")
+    assert get_method("lora") is LORA and get_method("dora") is DORA
+    lora, dora = (m.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA) for m in (LORA, DORA))
+    assert type(lora) is LoRAQKVLinear and not lora.use_dora
+    assert type(dora) is LoRAQKVLinear and dora.use_dora
 
 
-def test_pemma_unetr_with_dora_trains_only_pemma_parameters():
-    base = build_unetr(TINY_DORA["model"], 1, CLASSES, IMG)
-    net = PEMMAUNETR(TINY_DORA["model"], TINY_DORA["adaptation"], CLASSES, IMG)
-    net.load_base_state_dict(base.state_dict())
-    qkv = [blk.attn.qkv for blk in net.vit.blocks]
-    assert all(isinstance(layer, DoRAQKVLinear) for layer in qkv)
+# --- PEMMA networks with DoRA -----------------------------------------------------------------------------------
 
-    trainable = freeze_for_adaptation(net)
+
+def test_pemma_unetr_with_dora_trains_only_added_parameters():
+    tiny = Tiny.of("tiny_dora")
+    net = tiny.adapted(tiny.base())
+    qkv = [layer.qkv for layer in net.attention_layers()]
+    assert len(qkv) == ATTENTION_LAYERS["UNETR"] and all(isinstance(q, LoRAQKVLinear) and q.use_dora for q in qkv)
+
+    trainable = train_only(net, "adaptation")
     magnitudes = [n for n in trainable if "lora_magnitude" in n]
-    assert len(magnitudes) == 12 * 2 and all(is_pemma_parameter(n) for n in trainable)
+    assert len(magnitudes) == 12 * 2 and all(is_added(n) for n in trainable)
     net.train()
-    target = torch.randint(0, CLASSES, (1, *IMG))
-    nn.functional.cross_entropy(net(torch.randn(1, 2, *IMG)), target).backward()
+    target = torch.randint(0, CLASSES, (1, *tiny.img))
+    nn.functional.cross_entropy(net(tiny.image(2, batch=1)), target).backward()
     named = dict(net.named_parameters())
-    assert all(p.grad is None for n, p in named.items() if not is_pemma_parameter(n))
+    assert all(p.grad is None for n, p in named.items() if not is_added(n))
     assert all(named[n].grad is not None for n in trainable)
-    assert set(magnitudes) <= set(freeze_for_continual(net))
+    assert set(magnitudes) <= set(train_only(net, "continual"))
 
-    set_lora_enabled(net, False)
+    set_adapters_enabled(net, False)
     assert not any(layer.enabled for layer in qkv)
 
 
-def test_pemma_unetr_rejects_unknown_method():
-    with pytest.raises(ValueError, match="'vera'"):
-        PEMMAUNETR(TINY_DORA["model"], {**TINY_DORA["adaptation"], "method": "vera"}, CLASSES, IMG)
-
-
 def test_paper_dora_trainable_parameter_count():
-    img = tuple(PAPER_DORA["patch_size"])
-    assert PAPER_DORA["model"] == PAPER["model"] and img == tuple(PAPER["patch_size"])
-    assert {**PAPER_DORA["adaptation"], "method": "lora"} == {**PAPER["adaptation"], "method": "lora"}
-    counts = {}
-    for name, preset in (("lora", PAPER), ("dora", PAPER_DORA)):
-        net = PEMMAUNETR(preset["model"], preset["adaptation"], CLASSES, img)
-        freeze_for_adaptation(net)
-        counts[name] = count_parameters(net)
-    hidden = PAPER["model"]["hidden_size"]
-    magnitudes = 12 * 2 * hidden  # 12 blocks, Q and V, one per output feature
-    print(f"\nPEMMA UNETR-B {img} trainable: LoRA {counts['lora'][1]:,}, DoRA {counts['dora'][1]:,} "
-          f"(+{magnitudes:,} magnitudes); total DoRA {counts['dora'][0]:,}")
-    assert counts["dora"][1] == counts["lora"][1] + magnitudes
-    assert counts["dora"][0] == counts["lora"][0] + magnitudes
+    counts = {name: adaptation_sizes(preset, with_base=False) for name, preset in (("lora", "paper"),
+                                                                                   ("dora", "paper_dora"))}
+    lora, dora = counts["lora"].preset, counts["dora"].preset
+    assert dora.model == lora.model and dora.patch_size == lora.patch_size
+    assert dora.adaptation.method == "dora" and lora.adaptation.method == "lora"
+    assert dataclasses.replace(dora.adaptation, method="lora") == lora.adaptation
+    magnitudes = 12 * 2 * lora.model.hidden_size  # 12 blocks, Q and V, one per output feature
+    print(f"\nPEMMA UNETR-B {lora.patch_size} trainable: LoRA {counts['lora'].trainable:,}, DoRA "
+          f"{counts['dora'].trainable:,} (+{magnitudes:,} magnitudes); total DoRA {counts['dora'].total:,}")
+    assert counts["dora"].trainable == counts["lora"].trainable + magnitudes
+    assert counts["dora"].total == counts["lora"].total + magnitudes
+    assert counts["dora"].parts["lora_"] == counts["lora"].parts["lora_"] + magnitudes

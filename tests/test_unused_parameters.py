@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from conftest import REPO
-from nnunetv2_pemma.networks import PEMMAUNETR, build_unetr, freeze_for_adaptation
+from networks_helpers import CLASSES, Tiny
+from nnunetv2_pemma.adaptation.methods import train_only
 from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
 
-PRESET = json.loads((REPO / "plans" / "tiny.json").read_text())
-SIZE = (32, 32, 32)
+
+def _network(name: str) -> tuple[torch.nn.Module, Tiny, int]:
+    backbone, kind = name.split(" ", 1)
+    tiny = Tiny.of(backbone)
+    if kind == "plain":
+        return tiny.base(), tiny, 1
+    if kind == "early fusion":
+        return EarlyFusionUNETR(tiny.preset.model, CLASSES, tiny.img), tiny, 2
+    pemma = tiny.pemma(("CT", "PET"))
+    train_only(pemma, "adaptation")
+    return pemma, tiny, 2
 
 
-def _networks() -> dict[str, tuple[torch.nn.Module, int]]:
-    pemma = PEMMAUNETR(PRESET["model"], PRESET["adaptation"], 3, SIZE, ("CT", "PET"))
-    freeze_for_adaptation(pemma)
-    return {"UNETR": (build_unetr(PRESET["model"], 1, 3, SIZE), 1),
-            "early fusion": (EarlyFusionUNETR(PRESET["model"], 3, SIZE), 2), "PEMMA CP": (pemma, 2)}
-
-
-@pytest.mark.parametrize("name", ["UNETR", "early fusion", "PEMMA CP"])
+@pytest.mark.parametrize("name", ["UNETR plain", "UNETR early fusion", "UNETR PEMMA CP", "SwinUNETR plain",
+                                  "SwinUNETR PEMMA CP"])
 def test_every_trainable_parameter_gets_a_gradient(name: str) -> None:
-    network, channels = _networks()[name]
-    network(torch.randn(1, channels, *SIZE)).sum().backward()
+    network, tiny, channels = _network(name)
+    network(tiny.image(channels, batch=1)).sum().backward()
     without = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None]
     assert not without, without
