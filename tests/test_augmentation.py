@@ -30,21 +30,21 @@ def kinds(pipeline) -> set[type]:
 
 def test_default_keeps_nnunets_pipeline() -> None:
     full = nnunet_pipeline()
-    kept = select_transforms(full, AugmentationChoice.from_pemma({}))
+    kept = select_transforms(full, AugmentationChoice())
     assert [type(t) for t in kept.transforms] == [type(t) for t in full.transforms]
 
 
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_each_group_can_be_turned_off(group: str) -> None:
     full = nnunet_pipeline()
-    kept = select_transforms(full, AugmentationChoice.from_pemma({"data_augmentation": {group: False}}))
+    kept = select_transforms(full, AugmentationChoice.parse({group: False}))
     present = kinds(full)
     assert present & set(GROUPS[group]), f"nnU-Net's pipeline has no {group} transform to drop"
     assert kinds(kept) == present - set(GROUPS[group])
 
 
 def test_mirror_only() -> None:
-    choice = AugmentationChoice.from_pemma({"data_augmentation": {"spatial": False, "intensity": False}})
+    choice = AugmentationChoice.parse({"spatial": False, "intensity": False})
     kept = kinds(select_transforms(nnunet_pipeline(), choice))
     assert MirrorTransform in kept and SpatialTransform not in kept
     assert not kept & set(GROUPS["intensity"])

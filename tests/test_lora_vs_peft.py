@@ -179,6 +179,9 @@ def test_layer_rejects_bad_arguments():
         LoRAQKVLinear(nn.Linear(D_IN, 100), rank=RANK, alpha=ALPHA)
     with pytest.raises(ValueError, match="rank"):
         LoRAQKVLinear(nn.Linear(D_IN, 3 * D), rank=0, alpha=ALPHA)
+    for method in (LORA, DORA):  # wrapping an adapter again would silently drop its factors
+        with pytest.raises(ValueError, match="plain fused qkv nn.Linear, got LoRAQKVLinear"):
+            method.wrap_qkv(DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA), RANK, ALPHA)
 
 
 def test_registry_wraps_qkv_with_lora_or_dora_only():

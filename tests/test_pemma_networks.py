@@ -34,7 +34,8 @@ PET_MODULES = {"UNETR": {"pet_patch_embedding", "pet_encoder1", "pet_beta"},
 PET_ZERO_AT_ZERO_INIT = {"UNETR": ["pet_patch_embedding.patch_embeddings.weight",  # PET tokens: bare positions
                                    "pet_patch_embedding.patch_embeddings.bias"],
                          "SwinUNETR": ["pet_patch_embed.proj.weight"]}  # PET features: the CT embedding's bias
-OTHER_BACKBONES_BASE = {"UNETR": r"\d+ keys missing, e.g. \['vit\..*\d+ unexpected keys, e.g. \['swinViT\.",
+OTHER_BACKBONES_BASE = {"UNETR": r"it is a SwinUNETR \(swinViT\.\* keys\), not a UNETR: use PEMMASwinUNETR; .*"
+                                 r"\d+ keys missing, e.g. \['vit\..*\d+ unexpected keys, e.g. \['swinViT\.",
                         "SwinUNETR": r"it is a UNETR \(vit\.\* keys\), not a SwinUNETR: use PEMMAUNETR"}
 
 

@@ -21,7 +21,7 @@ M = TypeVar("M", bound=nn.Module)
 
 @torch.no_grad()
 def fold_adapters(net: M) -> M:
-    """Replace every :class:`LoRAQKVLinear` / ``DoRAQKVLinear`` in ``net`` by a plain ``nn.Linear`` whose weight
+    """Replace every :class:`LoRAQKVLinear` (LoRA or DoRA) in ``net`` by a plain ``nn.Linear`` whose weight
     is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight).
 
     The base parameters keep their state-dict names (``...attn.qkv.weight``, ``...attn.qkv.bias``); the

@@ -38,6 +38,8 @@ class LoRAQKVLinear(nn.Linear):
             alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
             use_dora: DoRA instead of LoRA.
         """
+        if type(base) is not nn.Linear:  # noqa: E721 - a subclass is an adapter already; wrapping it would drop it
+            raise ValueError(f"expected a plain fused qkv nn.Linear, got {type(base).__name__}")
         if base.out_features % 3:
             raise ValueError(f"a fused qkv layer has 3 * d outputs, got {base.out_features}")
         if rank < 1:

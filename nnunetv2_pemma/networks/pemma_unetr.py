@@ -83,6 +83,8 @@ class PEMMAUNETR(ModalitySlots, UNETR):
 
     def explain_base_mismatch(self, base: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
                               ) -> list[str]:
+        other = ["it is a SwinUNETR (swinViT.* keys), not a UNETR: use PEMMASwinUNETR"
+                 ] if any(k.startswith("swinViT.") for k in base) else []
         differing = [(k, tuple(base[k].shape), tuple(v.shape)) for k, v in expected.items()
                      if k in base and base[k].shape != v.shape]
-        return [e for e in (_explain(k, b, n, self.img_size) for k, b, n in differing) if e]
+        return other + [e for e in (_explain(k, b, n, self.img_size) for k, b, n in differing) if e]
