@@ -45,7 +45,7 @@ def _plans_transfer(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.inference import predict
+    from nnunetv2_pemma.inference.predictor import predict
 
     folds = [f if f == "all" else int(f) for f in args.f]
     written = predict(Path(args.i), Path(args.o), args.d, args.c, args.tr, folds, modalities=args.modalities,
@@ -56,7 +56,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _predict_late_fusion(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.late_fusion import ModelRef, predict_late_fusion
+    from nnunetv2_pemma.inference.late_fusion import ModelRef, predict_late_fusion
 
     folds = tuple(f if f == "all" else int(f) for f in args.f)
     ct = ModelRef(*args.ct_model, folds=folds) if args.ct_model else None

@@ -86,15 +86,25 @@ def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Pat
         run_ok(["pemma", "predict-late-fusion", "-i", str(tmp_path / "in"), "-o", str(out), "--modalities", "CT",
                 "PET", "--ct-model", "501", "UNETRTrainer", CONFIG, "--pet-model", "505", "UNETRTrainer", CONFIG,
                 "--w-ct", w, "-device", "cpu", "--disable_tta"], env)
-        outputs[w] = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
-    ct_only, ct_in = tmp_path / "ct_only", tmp_path / "ct_in"
-    ct_in.mkdir()
-    (ct_in / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_0000.nii.gz")
-    run_ok(["pemma", "predict", "-np", "0", "-i", str(ct_in), "-o", str(ct_only), "-d", "501", "-c", CONFIG,
-            "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--disable_tta"], env)
-    # w_C = 1: the fused output is the CT model's alone
-    assert np.array_equal(outputs["1.0"], sitk.GetArrayFromImage(sitk.ReadImage(str(ct_only / f"{case}.nii.gz"))))
-    assert set(np.unique(outputs["0.5"])) <= {0, 1, 2}
+        outputs[w] = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+    # each model alone through nnU-Net, with its probabilities, and nnU-Net's equal-weight ensemble of the two
+    alone = {}
+    for model, channel in (("501", 0), ("505", 1)):
+        (tmp_path / f"in_{model}").mkdir()
+        (tmp_path / f"in_{model}" / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_{channel:04d}.nii.gz")
+        run_ok(["nnUNetv2_predict", "-i", str(tmp_path / f"in_{model}"), "-o", str(tmp_path / f"alone_{model}"),
+                "-d", model, "-c", CONFIG, "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--disable_tta",
+                "--save_probabilities", "-npp", "1", "-nps", "1"], env)
+        alone[model] = sitk.ReadImage(str(tmp_path / f"alone_{model}" / f"{case}.nii.gz"))
+    run_ok(["nnUNetv2_ensemble", "-i", str(tmp_path / "alone_501"), str(tmp_path / "alone_505"), "-o",
+            str(tmp_path / "ensemble"), "-np", "1"], env)
+    ensemble = sitk.ReadImage(str(tmp_path / "ensemble" / f"{case}.nii.gz"))
+    # w_C = 1: the CT model's segmentation; w_C = 0: the PET model's; w_C = 0.5: nnU-Net's ensemble
+    for w, reference in (("1.0", alone["501"]), ("0.0", alone["505"]), ("0.5", ensemble)):
+        assert np.array_equal(sitk.GetArrayFromImage(outputs[w]), sitk.GetArrayFromImage(reference)), w
+        assert np.allclose(outputs[w].GetOrigin(), reference.GetOrigin())
+        assert np.allclose(outputs[w].GetSpacing(), reference.GetSpacing())
+    assert set(np.unique(sitk.GetArrayFromImage(outputs["0.5"]))) <= {0, 1, 2}
 
 
 def test_dora_adaptation_and_continual_update(workflow: dict, tmp_path: Path) -> None:

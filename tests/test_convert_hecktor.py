@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import run_ok
 from hecktor_fixtures import make_ct, write_hecktor_2021, write_hecktor_2022
 from nnunetv2_pemma.data.centers import LABELS_2021, LABELS_2022
 from nnunetv2_pemma.data.geometry import load_crop_records
 from nnunetv2_pemma.data.hecktor import convert_hecktor
 from nnunetv2_pemma.data.splits import make_center_splits, write_splits_to_preprocessed
-from nnunetv2_pemma.errors import InputDataError
+from nnunetv2_pemma.errors import InputDataError, PlansError
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [f"CHUM-{i:03d}" for i in range(1, 6)] + [f"CHUP-{i:03d}" for i in range(1, 6)] + ["MDA-001", "MDA-002"]
@@ -75,7 +77,7 @@ def test_ct_pet_dataset_json(ct_pet: tuple[Path, str], hecktor_2022: Path) -> No
 
 def test_splits_are_stratified_by_centre(ct_pet: tuple[Path, str]) -> None:
     out, report = ct_pet
-    splits = json.loads((out / "pemma_splits.json").read_text())
+    splits = json.loads((out / "splits_final.json").read_text())
     assert len(splits) == 5
     vals = [set(fold["val"]) for fold in splits]
     assert sorted(c for v in vals for c in v) == sorted(TRAIN)  # every case in exactly one val fold
@@ -89,11 +91,34 @@ def test_splits_are_stratified_by_centre(ct_pet: tuple[Path, str]) -> None:
 def test_splits_are_seeded_and_copied_to_preprocessed(ct_pet: tuple[Path, str], tmp_path: Path) -> None:
     out, _ = ct_pet
     centres = {c: c.split("-")[0] for c in TRAIN}
-    assert make_center_splits(centres) == json.loads((out / "pemma_splits.json").read_text())
+    assert make_center_splits(centres) == json.loads((out / "splits_final.json").read_text())
     assert make_center_splits(centres, seed=1) != make_center_splits(centres)
     copied = write_splits_to_preprocessed(out, tmp_path / "Dataset501_HNC_CT_PET")
     assert copied == tmp_path / "Dataset501_HNC_CT_PET" / "splits_final.json"
-    assert json.loads(copied.read_text()) == json.loads((out / "pemma_splits.json").read_text())
+    assert json.loads(copied.read_text()) == json.loads((out / "splits_final.json").read_text())
+
+
+def test_nnunet_planner_copies_the_raw_splits(hecktor_2022: Path, nnunet_env: dict[str, str]) -> None:
+    """nnUNetv2_plan_and_preprocess installs the converter's splits itself; `pemma plans add` then finds them."""
+    report = convert_hecktor(hecktor_2022, dataset_id=506, name="HNC_CT", modalities=["CT"],
+                             raw_root=Path(nnunet_env["nnUNet_raw"]))
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "506", "--no_pp", "-npfp", "1"], nnunet_env)
+    installed = Path(nnunet_env["nnUNet_preprocessed"]) / "Dataset506_HNC_CT" / "splits_final.json"
+    raw = json.loads((report.dataset_dir / "splits_final.json").read_text())
+    assert json.loads(installed.read_text()) == raw
+    assert write_splits_to_preprocessed(report.dataset_dir, installed.parent) == installed
+    assert json.loads(installed.read_text()) == raw
+
+
+def test_other_preprocessed_splits_are_named_not_overwritten(ct_pet: tuple[Path, str], tmp_path: Path) -> None:
+    out, _ = ct_pet
+    other = [{"train": fold["val"], "val": fold["train"]}
+             for fold in json.loads((out / "splits_final.json").read_text())]
+    (tmp_path / "splits_final.json").write_text(json.dumps(other))
+    with pytest.raises(PlansError, match=re.escape(f"{tmp_path / 'splits_final.json'} has other folds than "
+                                                   f"{out / 'splits_final.json'}")):
+        write_splits_to_preprocessed(out, tmp_path)
+    assert json.loads((tmp_path / "splits_final.json").read_text()) == other
 
 
 def test_ct_only_needs_no_pet(tmp_path: Path) -> None:
@@ -104,7 +129,7 @@ def test_ct_only_needs_no_pet(tmp_path: Path) -> None:
     out = report.dataset_dir
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["CHUM-001_0000.nii.gz", "HGJ-001_0000.nii.gz"]
     assert json.loads((out / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
-    assert not (out / "pemma_splits.json").exists() and not (out / "imagesTs").exists()
+    assert not (out / "splits_final.json").exists() and not (out / "imagesTs").exists()
     assert "splits: none (fewer than 5 training cases" in str(report)
     assert write_splits_to_preprocessed(out, tmp_path / "pp") is None
 

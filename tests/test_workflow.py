@@ -22,7 +22,7 @@ def test_training_uses_centre_stratified_splits(workflow: dict) -> None:
     env = workflow["env"]
     raw = Path(env["nnUNet_raw"]) / "Dataset501_HNC_CT"
     splits = json.loads((Path(env["nnUNet_preprocessed"]) / "Dataset501_HNC_CT" / "splits_final.json").read_text())
-    assert splits == json.loads((raw / "pemma_splits.json").read_text())
+    assert splits == json.loads((raw / "splits_final.json").read_text())
     centres = json.loads((raw / "dataset.json").read_text())["pemma"]["centers"]
     for fold in splits:
         assert {centres[c] for c in fold["val"]} == {"CHUM", "CHUP", "CHUS", "CHUV"}

@@ -8,7 +8,7 @@ Input layouts
 
 Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr (uint8),
 imagesTs when present, dataset.json (nnU-Net's own generator, plus a "pemma" block), pemma_crops.json (crop
-records, see `geometry`) and pemma_splits.json (centre-stratified folds, see `splits`).
+records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
 PET is resampled onto the (cropped) CT grid through physical coordinates and stays in SUV on purpose: the PET
@@ -71,7 +71,7 @@ class ConversionReport:
                  + ", ".join(f"{c} {n}" for c, n in sorted(self.center_counts.items()))]
         if self.splits_file is not None:
             lines.append(f"  splits: {N_FOLDS} folds stratified by centre in {self.splits_file.name} "
-                         f"(`pemma plans add` copies them to splits_final.json)")
+                         f"(nnUNetv2_plan_and_preprocess and `pemma plans transfer` copy it to nnUNet_preprocessed)")
         else:
             lines.append(f"  splits: none (fewer than {N_FOLDS} training cases; nnU-Net will make its own)")
         if self.skipped:

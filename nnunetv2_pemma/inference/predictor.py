@@ -1,0 +1,127 @@
+"""`pemma predict`: nnU-Net's predictor with a choice of input modalities and crop restoration.
+
+A PEMMA model has modality slots (CT, PET). nnU-Net initialises the predictor from the model folder as trained;
+inference with a subset (C or P from a CP model) or another missing-modality mode then swaps in rewritten plans
+(`modalities.plans_for_modalities`) and a network the trainer builds from them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.inference.modalities import plans_for_modalities
+from nnunetv2_pemma.plans import PEMMA_KEY, channel_modalities
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+
+def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: Sequence[str] | None,
+                    checkpoint_name: str = "checkpoint_final.pth", device: str = "cpu", tta: bool = True,
+                    missing_modality: str | None = None) -> nnUNetPredictor:
+    """An initialised nnUNetPredictor for the model in `model_folder`, fed `modalities` (default: as trained).
+
+    missing_modality: override how a PEMMA network fills an absent modality ("zero" or "drop").
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    checkpoints = [Path(model_folder) / f"fold_{f}" / checkpoint_name for f in folds]
+    for path in checkpoints:  # nnU-Net would stop with a traceback
+        if not path.is_file():
+            raise PlansError(f"no checkpoint {path}")
+    predictor = nnUNetPredictor(use_mirroring=tta, device=torch.device(device), verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=True)
+    predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name)
+    new_inputs = modalities is not None and [m.upper() for m in modalities] != channel_modalities(
+        predictor.dataset_json)
+    if not new_inputs and missing_modality is None:
+        return predictor
+    # nnUNetPredictor keeps no configuration name; the checkpoint records it (mmap: its weights are not read)
+    configuration = torch.load(checkpoints[0], map_location="cpu", weights_only=False, mmap=True)[
+        "init_args"]["configuration"]
+    plans, dataset_json = copy.deepcopy(predictor.plans_manager.plans), predictor.dataset_json
+    if new_inputs:
+        trained = channel_modalities(dataset_json)
+        plans, dataset_json = plans_for_modalities(plans, dataset_json, configuration, modalities)
+        if not hasattr(predictor.network, "set_input_modalities"):
+            raise PlansError(f"{predictor.trainer_name} builds a network without modality slots; it takes exactly "
+                             f"the channels it was trained with: {trained}")
+    if missing_modality is not None:
+        block = plans["configurations"][configuration].get(PEMMA_KEY)
+        if block is None or "missing_modality" not in block["adaptation"]:
+            raise PlansError(f"--missing-modality applies to PEMMA models; {predictor.trainer_name} is not one")
+        block["adaptation"]["missing_modality"] = missing_modality
+    _use_plans(predictor, plans, dataset_json, configuration)
+    return predictor
+
+
+def _use_plans(predictor: nnUNetPredictor, plans: dict[str, Any], dataset_json: dict[str, Any],
+               configuration: str) -> None:
+    """Re-initialise `predictor` with rewritten plans and a network its trainer builds from them.
+
+    nnU-Net lacks a hook here: initialize_from_trained_model_folder reads plans.json and dataset.json from the
+    folder and builds the network right away, and a PEMMA trainer's static build_network_architecture takes the
+    input modalities and missing-modality mode from the plans. So the network is built once more, the way that
+    method builds it, and handed to manual_initialization with the weights nnU-Net already loaded.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    network = recursive_find_trainer_class_by_name(predictor.trainer_name).build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    network.load_state_dict(predictor.list_of_parameters[0])  # a network that does not fit fails here
+    predictor.manual_initialization(network, plans_manager, configuration_manager, predictor.list_of_parameters,
+                                    dataset_json, predictor.trainer_name, predictor.allowed_mirroring_axes)
+
+
+def model_folder_of(dataset: str | int, trainer: str, configuration: str, plans_identifier: str) -> Path:
+    """nnU-Net's results folder of a trained model."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return Path(get_output_folder(dataset, trainer, plans_identifier, configuration))
+
+
+def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration: str, trainer: str,
+            folds: Sequence[int | str], modalities: Sequence[str] | None = None,
+            plans_identifier: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
+            device: str = "cpu", tta: bool = True, crop_records: Path | None = None,
+            missing_modality: str | None = None, num_processes: int = 3) -> list[Path]:
+    """Predict every case in `input_dir`; with `crop_records`, put the masks back into the original CT grid.
+
+    num_processes: nnU-Net's preprocessing and export workers; 0 predicts in this process (quicker for a few
+    cases, since each worker imports torch again).
+    """
+    model_folder = model_folder_of(dataset, trainer, configuration, plans_identifier)
+    predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta, missing_modality)
+    target = output_dir if crop_records is None else output_dir / "cropped_grid"
+    target.mkdir(parents=True, exist_ok=True)
+    if num_processes == 0:
+        predictor.predict_from_files_sequential(str(input_dir), str(target), save_probabilities=False, overwrite=True)
+    else:
+        predictor.predict_from_files(str(input_dir), str(target), save_probabilities=False, overwrite=True,
+                                     num_processes_preprocessing=num_processes,
+                                     num_processes_segmentation_export=num_processes)
+    written = sorted(target.glob("*.nii.gz"))
+    if crop_records is None:
+        return written
+    from nnunetv2_pemma.data.geometry import load_crop_records, restore_to_original
+
+    records = load_crop_records(crop_records if crop_records.is_dir() else crop_records.parent)
+    restored = []
+    for pred in written:
+        case = pred.name[:-len(".nii.gz")]
+        if case not in records:
+            raise PlansError(f"no crop record for case {case} in {crop_records}")
+        restore_to_original(pred, records[case], output_dir / pred.name)
+        restored.append(output_dir / pred.name)
+    return restored
