@@ -66,10 +66,10 @@ def _predict_late_fusion(args: argparse.Namespace) -> None:
     print(f"{len(written)} late-fusion predictions in {args.o}")
 
 
-def _merge_adapter(args: argparse.Namespace) -> None:
-    from nnunetv2_pemma.adaptation.adapter import merge_adapter
+def _apply_adapter(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.adaptation.files import apply_adapter
 
-    print(merge_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
+    print(apply_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -213,13 +213,13 @@ def _add_predict_late_fusion(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_predict_late_fusion)
 
 
-def _add_merge_adapter(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge-adapter", help="CT checkpoint + adapter (safetensors) -> full nnU-Net model folder")
+def _add_apply_adapter(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("apply-adapter", help="CT checkpoint + adapter (safetensors) -> full nnU-Net model folder")
     p.add_argument("--base", required=True, help="checkpoint_final.pth of the CT UNETR")
     p.add_argument("--adapter", required=True, help="adapter_final.safetensors written next to a PEMMA checkpoint")
     p.add_argument("--out", required=True, help="model folder to write (plans.json, dataset.json, fold_F/)")
     p.add_argument("--fold", default=0, type=lambda f: f if f == "all" else int(f))
-    p.set_defaults(func=_merge_adapter)
+    p.set_defaults(func=_apply_adapter)
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
@@ -277,7 +277,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo, _add_env, _add_reproduce, _add_phantom, _add_convert, _add_plans, _add_predict,
-    _add_predict_late_fusion, _add_merge_adapter, _add_evaluate, _add_parameters)
+    _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnunetv2_pemma.errors import PlansError
-from nnunetv2_pemma.training.config import CPU_THREADS_ENV, limit_cpu_threads
+from nnunetv2_pemma.training.threads import CPU_THREADS_ENV, limit_cpu_threads
 
 
 def test_cap_applies_on_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:

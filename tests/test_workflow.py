@@ -136,10 +136,10 @@ def test_pemma_predict_rejects_unknown_modality_for_ct_model(workflow: dict, tmp
     assert "this model knows ['CT']" in proc.stderr
 
 
-def test_merge_adapter_rebuilds_the_adapted_checkpoint(workflow: dict, tmp_path: Path) -> None:
+def test_apply_adapter_rebuilds_the_adapted_checkpoint(workflow: dict, tmp_path: Path) -> None:
     adapter = workflow["adapted"].parent / "adapter_final.safetensors"
     assert adapter.stat().st_size < workflow["adapted"].stat().st_size / 2
-    run_ok(["pemma", "merge-adapter", "--base", str(workflow["base"]), "--adapter", str(adapter),
+    run_ok(["pemma", "apply-adapter", "--base", str(workflow["base"]), "--adapter", str(adapter),
             "--out", str(tmp_path / "merged")], workflow["env"])
     merged = _weights(tmp_path / "merged" / "fold_0" / "checkpoint_final.pth")
     adapted = _weights(workflow["adapted"])
@@ -147,9 +147,9 @@ def test_merge_adapter_rebuilds_the_adapted_checkpoint(workflow: dict, tmp_path:
     assert all(torch.equal(merged[k], adapted[k]) for k in adapted)
 
 
-def test_merge_adapter_refuses_an_adapted_checkpoint_as_base(workflow: dict, tmp_path: Path) -> None:
+def test_apply_adapter_refuses_an_adapted_checkpoint_as_base(workflow: dict, tmp_path: Path) -> None:
     adapter = workflow["adapted"].parent / "adapter_final.safetensors"
-    proc = run_cli(["pemma", "merge-adapter", "--base", str(workflow["adapted"]), "--adapter", str(adapter),
+    proc = run_cli(["pemma", "apply-adapter", "--base", str(workflow["adapted"]), "--adapter", str(adapter),
                     "--out", str(tmp_path / "merged")], workflow["env"])
     assert proc.returncode == 2 and "expected a CT base checkpoint" in proc.stderr
     assert not (tmp_path / "merged").exists()

@@ -18,14 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from nnunetv2_pemma.data.centers import PAPER_STAGES
 from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.experiments.scheduler import Job, success_marker
 from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE
 from nnunetv2_pemma.plans import load_preset, preset_names
 
-PRETRAINING = ("CHUM", "CHUP", "CHUS", "CHUV")
-NEW_CENTRES = {"New dataset 1": ("HGJ", 510), "New dataset 2": ("HMR", 520)}
+PRETRAINING = PAPER_STAGES["pretraining"]
+ADAPTATION_CENTRES = PAPER_STAGES["adaptation"]
+# each new centre with the first of its dataset ids (C, CP, P datasets follow)
+NEW_CENTRES = {"New dataset 1": (*PAPER_STAGES["new_dataset_1"], 510),
+               "New dataset 2": (*PAPER_STAGES["new_dataset_2"], 520)}
 # which new stages run, and with which training modalities
 SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
     "full": {"New dataset 1": ("C", "CP"), "New dataset 2": ("C", "CP")},
@@ -115,8 +119,8 @@ class Protocol:
         base_job = self._train(501, "UNETRTrainer", [add], config=self.base_config)
         base = self.checkpoint(501, "UNETRTrainer", self.base_config)
 
-        cp = self._transfer(502, [self._convert(502, "HNC_CTPET_MDA", ["MDA"], ["CT", "PET"], [add])])
-        p = self._transfer(503, [self._convert(503, "HNC_PET_MDA", ["MDA"], ["PET"], [add])])
+        cp = self._transfer(502, [self._convert(502, "HNC_CTPET_MDA", ADAPTATION_CENTRES, ["CT", "PET"], [add])])
+        p = self._transfer(503, [self._convert(503, "HNC_PET_MDA", ADAPTATION_CENTRES, ["PET"], [add])])
         pemma = self._train(502, "PEMMATrainer", [cp, base_job], base)
         early = self._train(502, "EarlyFusionTrainer", [cp, base_job], base)
         pet_model = self._train(503, "UNETRTrainer", [p], config=self.base_config)

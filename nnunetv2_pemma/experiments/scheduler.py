@@ -19,7 +19,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from nnunetv2_pemma.errors import PemmaError
-from nnunetv2_pemma.training.config import CPU_THREADS_ENV
+from nnunetv2_pemma.training.threads import CPU_THREADS_ENV
 
 
 @dataclass

@@ -10,7 +10,7 @@ from nnunetv2_pemma.config import PEMMA_KEY, PemmaBlock
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.build import build_plain_network
 from nnunetv2_pemma.training.augmentation import select_transforms
-from nnunetv2_pemma.training.config import limit_cpu_threads
+from nnunetv2_pemma.training.threads import limit_cpu_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
