@@ -3,7 +3,7 @@
 
 A thin wrapper over `nnunetv2_pemma.data.hecktor.convert_hecktor` (the library behind `pemma convert-hecktor`, which
 has every option): validates all cases, resamples PET onto the CT grid, crops the head and neck, and writes
-$nnUNet_raw/Dataset500_HECKTOR2022 with dataset.json, pemma_crops.json and centre-stratified pemma_splits.json.
+$nnUNet_raw/Dataset500_HECKTOR2022 with dataset.json, pemma_crops.json and centre-stratified splits_final.json.
 
     python dataset_conversion/Dataset500_HECKTOR2022.py /data/hecktor2022 [-d 500] [--modalities CT PET]
 """
