@@ -1,0 +1,109 @@
+"""nnU-Net folders for the benchmarking trainers, made with the README's commands on a one-case phantom.
+
+Two datasets: CT (one CHUM case) for the CT UNETR and PEMMA's continual update, CT+PET (one MDA case) for PEMMA's
+adaptation, early fusion and nnU-Net's U-Net. Planning needs images; the timed steps run on random batches, so
+one case per dataset is enough. The preset's configuration comes from `pemma plans add/transfer`. nnU-Net's U-Net
+gets a configuration `3d_fullres_<preset>` that inherits 3d_fullres (nnU-Net's plans inheritance, as in its
+documentation's `3d_fullres_bs40`) with the preset's patch and batch, so every network sees the same input.
+
+Then the starting points of the adapting trainers, written by nnU-Net's `save_checkpoint`: a CT base (the CT
+UNETR as initialised) and a PEMMA model adapted from it (the start of a continual update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nnunetv2_pemma.environment import nnunet_variables, preset_folder
+
+BIN = Path(sys.executable).parent
+CT_ID, CTPET_ID = 901, 902
+RECORD = "workspace.json"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: str
+    preset: str
+    ct: str  # nnU-Net dataset names
+    ctpet: str
+    unetr_configuration: str
+    unet_configuration: str
+    ct_base: str  # checkpoints the adapting trainers start from
+    pemma: str
+
+
+def use(root: Path) -> None:
+    """Point nnU-Net (this process and the processes it starts) at the folders under `root`; torch.compile off
+    unless nnUNet_compile says otherwise."""
+    os.environ.update(nnunet_variables(root))
+    os.environ.setdefault("nnUNet_compile", "false")
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+
+def _run(args: list[str], log: Path) -> None:
+    exe = BIN / args[0]
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(args)}\n")
+        out.flush()
+        start = time.perf_counter()
+        done = subprocess.run([str(exe) if exe.exists() else args[0], *args[1:]], stdout=out, stderr=out)
+        out.write(f"[{time.perf_counter() - start:.1f} s]\n")
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} exited {done.returncode}; see {log}")
+
+
+def _add_unet_configuration(plans_file: Path, name: str, patch_size: list[int], batch_size: int) -> None:
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"][name] = {"inherits_from": "3d_fullres", "patch_size": patch_size,
+                                     "batch_size": batch_size}
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
+def _starting_checkpoints(ws: Workspace, log: Path) -> None:
+    from nnunetv2_pemma.trainers.benchmarking.step_timing import PEMMATrainer_stepTiming, UNETRTrainer_stepTiming
+
+    with log.open("a") as out, contextlib.redirect_stdout(out):
+        ct_base = UNETRTrainer_stepTiming.started(ws.ct, ws.unetr_configuration, "cpu")
+        ct_base.save_checkpoint(ws.ct_base)
+        pemma = PEMMATrainer_stepTiming.started(ws.ctpet, ws.unetr_configuration, "cpu", ws.ct_base)
+        pemma.save_checkpoint(ws.pemma)
+
+
+def prepare(root: Path, preset_name: str) -> Workspace:
+    """The workspace under `root` for `preset_name`, made unless `root` already holds it; `use(root)` first."""
+    root = root.resolve()
+    record = root / RECORD
+    if record.is_file():
+        ws = Workspace(**json.loads(record.read_text()))
+        if ws.preset != preset_name:
+            raise ValueError(f"{root} holds a workspace for preset {ws.preset}, not {preset_name}")
+        return ws
+    preset = json.loads((preset_folder() / f"{preset_name}.json").read_text())  # what `plans add` reads
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "workspace.log"
+    ct, ctpet = f"Dataset{CT_ID}_BenchCT", f"Dataset{CTPET_ID}_BenchCTPET"
+    results = Path(os.environ["nnUNet_results"])
+    ws = Workspace(str(root), preset_name, ct, ctpet, preset["configuration"], f"3d_fullres_{preset_name}",
+                   ct_base=str(results / "checkpoint_ct_base.pth"), pemma=str(results / "checkpoint_pemma.pth"))
+    phantom = root / "phantom"
+    _run(["pemma", "phantom", str(phantom), "--cases-per-center", "1"], log)
+    _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CT_ID), "--name", "BenchCT", "--centers",
+          "CHUM", "--modalities", "CT"], log)
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(CT_ID), "-c", "3d_fullres", "-np", "1"], log)
+    _run(["pemma", "plans", "add", str(CT_ID), "--preset", preset_name], log)
+    _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CTPET_ID), "--name", "BenchCTPET",
+          "--centers", "MDA", "--modalities", "CT", "PET"], log)
+    _run(["pemma", "plans", "transfer", str(CT_ID), str(CTPET_ID), "--preset", preset_name], log)
+    _add_unet_configuration(Path(os.environ["nnUNet_preprocessed"]) / ctpet / "nnUNetPlans.json",
+                            ws.unet_configuration, preset["patch_size"], preset["batch_size"])
+    _starting_checkpoints(ws, log)
+    record.write_text(json.dumps(asdict(ws), indent=2))
+    return ws
