@@ -20,6 +20,7 @@ def test_pretrained_weights_come_from_nnunetv2_trains_command_line() -> None:
     argv = ["502", CONFIG, "0", "-tr", "PEMMATrainer", "-device", "cpu", "-pretrained_weights", "base.pth"]
     assert pretrained_weights_argument(argv) == "base.pth"
     assert pretrained_weights_argument(argv[:-2]) is None
+    assert pretrained_weights_argument(argv[:-2] + ["-p", "nnUNetResEncUNetPlans"]) is None  # no abbreviations
 
 
 def _pet_embedding(net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

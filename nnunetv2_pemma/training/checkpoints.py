@@ -7,7 +7,6 @@ whose shape differs. PEMMA trainers check the file first and name every hyper-pa
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,9 @@ from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.backbones import parse_model
 
 
+PRETRAINED_FLAG = "-pretrained_weights"
+
+
 def pretrained_weights_argument(argv: Sequence[str] | None = None) -> str | None:
     """The file given to `nnUNetv2_train ... -pretrained_weights FILE`, or None.
 
@@ -28,12 +30,15 @@ def pretrained_weights_argument(argv: Sequence[str] | None = None) -> str | None
     `trainer.initialize()` but never to the trainer, which must know it earlier (to build the CT base it converts,
     and to name what differs before nnU-Net's first assertion). nnUNetv2_train's command line (kept by DDP's
     spawned workers) is the one place the trainer can read it. Runs started through nnU-Net's Python API without
-    that argument get nnU-Net's own check only.
+    that argument (or with the flag abbreviated) get nnU-Net's own check only.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-pretrained_weights", default=None)
-    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    return known.pretrained_weights
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):  # the exact flag only: "-p PLANS" is nnU-Net's plans option, not an abbreviation
+        if arg == PRETRAINED_FLAG and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(PRETRAINED_FLAG + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
