@@ -10,7 +10,6 @@ modality each input channel holds, modality dropout, filling an absent modality,
 from __future__ import annotations
 
 import copy
-from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -84,31 +83,31 @@ class ModalitySlots(nn.Module):
         self.adaptation = adaptation
         self.input_modalities = check_modalities(input_modalities)
 
-    # --- what a backbone implements ----------------------------------------------------------------------------
-    @abstractmethod
+    # --- what a backbone implements (each PEMMA backbone overrides all of these) ----------------------------------------------------------------------------
     def attention_layers(self) -> list[nn.Module]:
         """The attention modules whose fused ``qkv`` layer the qkv method wraps."""
+        raise NotImplementedError
 
-    @abstractmethod
     def encode(self, ct: torch.Tensor | None, pet: torch.Tensor | None) -> Any:
         """The encoder's output for the CT and PET images (B, 1, D, H, W) (either may be None: absent, "drop")."""
+        raise NotImplementedError
 
-    @abstractmethod
     def decode(self, encoded: Any, skip: torch.Tensor) -> torch.Tensor:
         """Logits (B, out_channels, D, H, W) from ``encode``'s output and the input skip (B, F, D, H, W)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def patch_embeddings(self) -> tuple[nn.Module, nn.Module]:
         """(CT patch embedding, PET patch embedding)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def zero_pet_patch_embedding(self) -> None:
         """Make PET's patch features independent of the image (``pet_init`` "zero")."""
+        raise NotImplementedError
 
-    @abstractmethod
     def explain_base_mismatch(self, base: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
                               ) -> list[str]:
         """The hyper-parameters behind the differences between a base state dict and this network's base."""
+        raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------------------------
     def set_input_modalities(self, modalities: Sequence[str]) -> None:
