@@ -5,6 +5,7 @@ every trainer lookup), and `pemma --help` listing the subcommands."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -17,10 +18,14 @@ from nnunetv2_pemma.environment import preset_folder, trainer_folder
 
 
 def _trainer_classes() -> list[str]:
-    """Every class defined in the repository's trainers/ folder (read from the source, not imported)."""
+    """Every nnU-Net trainer class defined in the repository's trainers/ folder (mixins left out)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     names = []
     for path in sorted((REPO / "trainers").rglob("*.py")):
-        names += [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)]
+        module = importlib.import_module(".".join(("nnunetv2_pemma", *path.relative_to(REPO).with_suffix("").parts)))
+        names += [n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)
+                  and issubclass(getattr(module, n.name), nnUNetTrainer)]
     return names
 
 
