@@ -33,14 +33,8 @@ class PEMMASwinUNETR(ModalitySlots, SwinUNETR):
 
     def __init__(self, spec: SwinUNETRSpec, adaptation: Adaptation, out_channels: int, img_size: Sequence[int],
                  input_modalities: Sequence[str] = MODALITIES) -> None:
-        """
-        Args:
-            spec: the preset's model section, the same as the CT base was built with.
-            adaptation: the preset's adaptation section.
-            out_channels: segmentation classes including background.
-            img_size: training patch size (D, H, W), each a multiple of 32.
-            input_modalities: modalities of the input channels, in order, e.g. ``("CT", "PET")`` or ``("CT",)``.
-        """
+        """Arguments as :class:`PEMMAUNETR`'s, with the SwinUNETR model section; every side of ``img_size`` a
+        multiple of 32."""
         super().__init__(in_channels=1, out_channels=out_channels, **spec.kwargs())
         self.img_size = spec.check_patch_size(img_size)
         self.pet_patch_embed = fresh_copy(self.swinViT.patch_embed)
