@@ -30,6 +30,18 @@ def test_training_uses_centre_stratified_splits(workflow: dict) -> None:
     assert validated == sorted(splits[0]["val"])
 
 
+def test_plans_name_the_network_the_trainers_build(workflow: dict) -> None:
+    """The PEMMA configuration's nnU-Net architecture entry is MONAI's UNETR with the preset's arguments, not the
+    PlainConvUNet it would otherwise inherit from 3d_fullres."""
+    for dataset in ("Dataset501_HNC_CT", "Dataset502_HNC_CTPET_MDA"):
+        plans = json.loads((Path(workflow["env"]["nnUNet_preprocessed"]) / dataset / "nnUNetPlans.json").read_text())
+        entry = plans["configurations"][CONFIG]["architecture"]
+        model = {k: v for k, v in plans["configurations"][CONFIG]["pemma"]["model"].items() if k != "architecture"}
+        assert entry == {"network_class_name": "monai.networks.nets.UNETR", "arch_kwargs": model,
+                         "_kw_requires_import": []}
+        assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith("PlainConvUNet")
+
+
 def test_adaptation_keeps_base_weights_bit_identical(workflow: dict) -> None:
     base, adapted = _weights(workflow["base"]), _weights(workflow["adapted"])
     for key, value in base.items():
