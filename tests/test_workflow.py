@@ -167,6 +167,28 @@ def test_apply_adapter_refuses_an_adapted_checkpoint_as_base(workflow: dict, tmp
     assert not (tmp_path / "merged").exists()
 
 
+def test_apply_adapter_that_does_not_fit_leaves_nothing(workflow: dict, tmp_path: Path) -> None:
+    """An adapter whose tensors do not fit the network its plans describe fails in the staged folder, with the
+    keys that differ named, and neither the output folder nor the staging folder is left behind."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(workflow["adapted"].parent / "adapter_final.safetensors"), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = next(k for k in tensors if "lora_A_q" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=metadata)
+    out = tmp_path / "out" / "merged"
+    proc = run_cli(["pemma", "apply-adapter", "--base", str(workflow["base"]), "--adapter", str(bad),
+                    "--out", str(out)], workflow["env"])
+    assert proc.returncode == 2 and "do not make the adapted network" in proc.stderr and key in proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if "do not make the adapted network" in line]
+    assert len(ours) == 1 and ours[0].startswith("pemma apply-adapter: error: ") and key in ours[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
 def test_predict_restores_the_original_ct_grid(workflow: dict, tmp_path: Path) -> None:
     """Cases cropped by convert-hecktor come back into the original CT grid with --crop-records."""
     env = workflow["env"]

@@ -49,8 +49,8 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def apply_adapter(base_checkpoint: Path, adapter: Path, out_folder: Path, fold: int | str = 0) -> Path:
     """Write `out_folder/{plans.json, dataset.json, fold_F/checkpoint_final.pth}` = CT base + adapter.
 
-    The folder is first written to a temporary place, where nnU-Net's predictor builds the network from it and the
-    weights are loaded strictly: a base or adapter that does not fit fails here with the keys that differ, not
+    The folder is first written to a temporary place, where nnU-Net's predictor builds the network from it and
+    loads the weights strictly: a base or adapter that does not fit fails here with the keys that differ, not
     later in nnUNetv2_predict, and leaves nothing behind.
     """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -83,11 +83,11 @@ def apply_adapter(base_checkpoint: Path, adapter: Path, out_folder: Path, fold: 
         (staged / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
         torch.save(checkpoint, staged / f"fold_{fold}" / "checkpoint_final.pth")
         predictor = nnUNetPredictor(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(staged), (fold,))
-        try:
-            predictor.network.load_state_dict(weights, strict=True)
+        try:  # nnU-Net builds the network from the staged folder and loads the weights strictly
+            predictor.initialize_from_trained_model_folder(str(staged), (fold,))
         except RuntimeError as e:
-            raise CheckpointError(f"{base_checkpoint} + {adapter} do not make the adapted network: {e}") from None
+            reason = " ".join(str(e).split())  # torch's message spans lines
+            raise CheckpointError(f"{base_checkpoint} + {adapter} do not make the adapted network: {reason}") from None
         for item in staged.iterdir():
             target = out_folder / item.name
             if target.is_dir():
