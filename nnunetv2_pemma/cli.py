@@ -1,17 +1,18 @@
 """The `pemma` command: argument parsing only; every subcommand calls the library.
 
-Library errors (`PemmaError`) are printed as one line on stderr with exit code 2; anything else is a bug and
-keeps its traceback.
+Library errors (`PemmaError`) are printed as one line on stderr with exit code 2, and `PemmaWarning`s as one line
+each; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nnunetv2_pemma.errors import PemmaError
+from nnunetv2_pemma.errors import PemmaError, PemmaWarning
 
 
 def _phantom(args: argparse.Namespace) -> None:
@@ -289,8 +290,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str) -> None:
+    """Show PemmaWarnings as `pemma COMMAND: warning: ...` (no source line); other warnings as Python shows them."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, PemmaWarning):
+            print(f"pemma {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", PemmaWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings(args.command)
     try:
         args.func(args)
     except PemmaError as e:

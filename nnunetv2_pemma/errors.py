@@ -15,3 +15,14 @@ class PlansError(PemmaError):
 
 class CheckpointError(PemmaError):
     """A checkpoint or adapter file does not fit the network it should be loaded into."""
+
+
+class PemmaWarning(UserWarning):
+    """Suspicious but possible input (an all-zero PET, a constant CT): the `pemma` command prints it as one line."""
+
+
+def warn(message: str) -> None:
+    """Issue a PemmaWarning attributed to the caller's caller (the library function the user called)."""
+    import warnings
+
+    warnings.warn(message, PemmaWarning, stacklevel=3)
