@@ -20,7 +20,7 @@ from typing import Any
 
 from nnunetv2_pemma.config import PEMMA_KEY, Preset
 from nnunetv2_pemma.environment import preset_folder
-from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.errors import PlansError, warn
 
 __all__ = ["PEMMA_KEY", "add_preset", "channel_modalities", "load_preset", "preset_names", "transfer_plans"]
 
@@ -69,7 +69,8 @@ def _raw_dir(dataset_name: str) -> Path:
 def _load_plans(folder: Path, plans_identifier: str) -> dict[str, Any]:
     plans_file = folder / f"{plans_identifier}.json"
     if not plans_file.is_file():
-        raise PlansError(f"no plans at {plans_file}: run `nnUNetv2_plan_and_preprocess -d {folder.name} "
+        dataset_id = int(folder.name[len("Dataset"):len("Dataset") + 3])  # nnU-Net's -d takes the number
+        raise PlansError(f"no plans at {plans_file}: run `nnUNetv2_plan_and_preprocess -d {dataset_id} "
                          f"-c 3d_fullres` first")
     return json.loads(plans_file.read_text())
 
@@ -91,10 +92,17 @@ def channel_modalities(dataset_json: dict[str, Any]) -> list[str]:
     return [n.upper() for n in names]
 
 
-def pet_window(foreground_properties: dict[str, float]) -> dict[str, float]:
-    """CTNormalization properties for PET: clip SUV to [0, foreground p99.5], then foreground mean/std."""
+def pet_window(foreground_properties: dict[str, float], dataset_name: str) -> dict[str, float]:
+    """CTNormalization properties for PET: clip SUV to [0, foreground p99.5], then foreground mean/std.
+
+    A dataset whose PETs are zero under the tumour (all-zero PET files, PET outside the labelled region) gets a
+    degenerate window: possible, so a warning, but PET then carries nothing for the network to learn from.
+    """
     window = dict(foreground_properties)
     window["percentile_00_5"] = 0.0
+    if not window["percentile_99_5"] > 0 or not window["std"] > 0:
+        warn(f"{dataset_name}: degenerate PET window [0, {window['percentile_99_5']:g}] SUV with std "
+             f"{window['std']:g} under the labels (are its PET images all zero?); PET will carry no signal")
     return window
 
 
@@ -142,8 +150,11 @@ def _preprocess(dataset_name: str, plans_identifier: str, configuration: str, nu
 
 
 def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nnUNetPlans",
-               num_processes: int = 1) -> str:
+               num_processes: int = 1, overwrite: bool = False) -> str:
     """Add the preset's configuration to the dataset's plans; returns a one-line summary.
+
+    Adding the same preset again rewrites the same configuration; replacing a configuration of that name that
+    differs (another preset or preset version) needs `overwrite`.
 
     CT-only data reuses 3d_fullres's preprocessed files (no re-preprocessing). Data with a PET channel needs its
     own preprocessed copy because PET is normalised differently (module docstring); that is run here.
@@ -168,9 +179,16 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
         props = plans["foreground_intensity_properties_per_channel"]
         for i, m in enumerate(modalities):
             if m == "PET":
-                props[str(i)] = pet_window(props[str(i)])
+                props[str(i)] = pet_window(props[str(i)], name)
+    previous = plans["configurations"].get(config_name)
     plans["configurations"][config_name] = configuration
     configuration[PEMMA_KEY]["modality_normalization"] = modality_normalization(plans, config_name, modalities)
+    if previous is not None and not overwrite and previous != json.loads(json.dumps(configuration)):
+        changed = sorted(k for k in set(previous) | set(configuration)
+                         if json.loads(json.dumps(configuration.get(k))) != previous.get(k))
+        raise PlansError(f"{folder / plans_identifier}.json already has a configuration '{config_name}' that differs "
+                         f"in {', '.join(changed)}; pass --overwrite to replace it (trained models keep their own "
+                         f"plans.json)")
     _save_json(plans, folder / f"{plans_identifier}.json")
     splits = _write_splits(name, folder)
     if needs_preprocessing:
@@ -182,7 +200,7 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
 
 
 def transfer_plans(source: str | int, target: str | int, preset_name: str, plans_identifier: str = "nnUNetPlans",
-                   preprocess: bool = True, num_processes: int = 1) -> str:
+                   preprocess: bool = True, num_processes: int = 1, overwrite: bool = False) -> str:
     """Give TARGET the SOURCE configuration so an adapted model sees CT exactly as its base model did.
 
     nnU-Net's `move_plans_between_datasets` copies the plans (spacing, patch size, CT statistics) and sets the
@@ -203,9 +221,14 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
         raise PlansError(f"{source_name} has no '{config_name}' configuration: run "
                          f"`pemma plans add {source_name} --preset {preset.name}` (and train the base) first")
     target_plans_file = target_folder / f"{plans_identifier}.json"
-    if target_plans_file.is_file() and not json.loads(target_plans_file.read_text()).get("pemma_transferred_from"):
+    earlier = json.loads(target_plans_file.read_text()).get("pemma_transferred_from", False) \
+        if target_plans_file.is_file() else None
+    if earlier is False:
         raise PlansError(f"{target_plans_file} exists and was not written by `pemma plans transfer`; pass "
                          f"--plans OTHER_NAME (and -p OTHER_NAME to nnUNetv2_train) to keep it")
+    if earlier not in (None, source_name) and not overwrite:
+        raise PlansError(f"{target_plans_file} was transferred from {earlier}, not {source_name}; pass --overwrite "
+                         f"to replace it (models trained on it keep their own plans.json)")
     raw_json = _raw_dir(target_name) / "dataset.json"
     if not raw_json.is_file():
         raise PlansError(f"{raw_json} not found: convert the target dataset first")
@@ -227,7 +250,7 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
         if m in source_modalities:
             props[str(i)] = source_props[str(source_modalities.index(m))]
         else:
-            props[str(i)] = pet_window(target_props[str(i)]) if m == "PET" else target_props[str(i)]
+            props[str(i)] = pet_window(target_props[str(i)], target_name) if m == "PET" else target_props[str(i)]
     plans["foreground_intensity_properties_per_channel"] = props
     for configuration in plans["configurations"].values():
         if "normalization_schemes" in configuration:

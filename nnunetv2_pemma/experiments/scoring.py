@@ -61,7 +61,8 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
     if model.method == "Late fusion":
         ct = ModelRef(protocol.dataset_name(model.dataset), model.trainer, model.config)
         pet = ModelRef(protocol.dataset_name(model.pet_dataset), "UNETRTrainer", model.pet_config)
-        predict_late_fusion(inputs, out, INFER[infer], ct, pet, w_ct=0.5, device=protocol.device, tta=tta)
+        predict_late_fusion(inputs, out, INFER[infer], ct, pet, w_ct=0.5, device=protocol.device, tta=tta,
+                            overwrite=True)  # a run interrupted mid-folder is redone
         return
     folder = model_folder_of(protocol.dataset_name(model.dataset), model.trainer, model.config, "nnUNetPlans")
     predictor = build_predictor(folder, [0], list(INFER[infer]),

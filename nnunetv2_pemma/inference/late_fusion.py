@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.inference.inputs import input_cases, refuse_existing_predictions
 from nnunetv2_pemma.inference.predictor import build_predictor, model_folder_of
 
 if TYPE_CHECKING:
@@ -37,17 +38,6 @@ class ModelRef:
         return model_folder_of(self.dataset, self.trainer, self.configuration, self.plans)
 
 
-def _cases(input_dir: Path, n_channels: int) -> list[str]:
-    cases = sorted(p.name[:-len(f"_0000{FILE_ENDING}")] for p in input_dir.glob(f"*_0000{FILE_ENDING}"))
-    if not cases:
-        raise PlansError(f"{input_dir}: no CASE_0000{FILE_ENDING} files")
-    for case in cases:
-        missing = [i for i in range(n_channels) if not (input_dir / f"{case}_{i:04d}{FILE_ENDING}").is_file()]
-        if missing:
-            raise PlansError(f"case {case} in {input_dir}: channel file(s) {missing} missing")
-    return cases
-
-
 def _probabilities(predictor: nnUNetPredictor, image: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """One model's probabilities for a one-channel image, in the image's grid, and the image's properties."""
     data, properties = predictor.plans_manager.image_reader_writer_class().read_images([str(image)])
@@ -56,9 +46,10 @@ def _probabilities(predictor: nnUNetPredictor, image: Path) -> tuple[np.ndarray,
 
 
 def predict_late_fusion(input_dir: Path, output_dir: Path, modalities: Sequence[str], ct_model: ModelRef | None,
-                        pet_model: ModelRef | None, w_ct: float = 0.5, device: str = "cpu", tta: bool = True
-                        ) -> list[Path]:
-    """Segment every case of `input_dir` (channels = `modalities`, in order) by late fusion."""
+                        pet_model: ModelRef | None, w_ct: float = 0.5, device: str = "cpu", tta: bool = True,
+                        overwrite: bool = False) -> list[Path]:
+    """Segment every case of `input_dir` (channels = `modalities`, in order) by late fusion; predictions already
+    in `output_dir` are only replaced with `overwrite`."""
     modalities = [m.upper() for m in modalities]
     if not 0.0 <= w_ct <= 1.0:
         raise PlansError(f"--w-ct must lie in [0, 1], got {w_ct}")
@@ -67,7 +58,8 @@ def predict_late_fusion(input_dir: Path, output_dir: Path, modalities: Sequence[
     if absent or not set(modalities) <= {"CT", "PET"} or not modalities:
         raise PlansError(f"--modalities {modalities}: late fusion needs CT and/or PET, each with its model "
                          f"(--ct-model / --pet-model)")
-    cases = _cases(input_dir, len(modalities))
+    cases = input_cases(input_dir, modalities, FILE_ENDING)
+    refuse_existing_predictions(output_dir, cases, overwrite, FILE_ENDING)
     weights = {"CT": w_ct, "PET": 1.0 - w_ct} if len(modalities) == 2 else {modalities[0]: 1.0}
     predictors = {m: build_predictor(models[m].folder(), models[m].folds, None, device=device, tta=tta)
                   for m in modalities}

@@ -8,12 +8,15 @@ inference with a subset (C or P from a CP model) or another missing-modality mod
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, base_fingerprint
+from nnunetv2_pemma.errors import CheckpointError, PlansError
+from nnunetv2_pemma.inference.inputs import input_cases, refuse_existing_predictions
 from nnunetv2_pemma.inference.modalities import plans_for_modalities
 from nnunetv2_pemma.plans import PEMMA_KEY, channel_modalities
 
@@ -37,13 +40,14 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
     predictor = nnUNetPredictor(use_mirroring=tta, device=torch.device(device), verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=True)
     predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name)
+    records = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["init_args"] for path in checkpoints]
+    for path, init_args, weights in zip(checkpoints, records, predictor.list_of_parameters):
+        _check_base(path, init_args, weights)
     new_inputs = modalities is not None and [m.upper() for m in modalities] != channel_modalities(
         predictor.dataset_json)
     if not new_inputs and missing_modality is None:
         return predictor
-    # nnUNetPredictor keeps no configuration name; the checkpoint records it (mmap: its weights are not read)
-    configuration = torch.load(checkpoints[0], map_location="cpu", weights_only=False, mmap=True)[
-        "init_args"]["configuration"]
+    configuration = records[0]["configuration"]  # nnUNetPredictor keeps no configuration name; the checkpoint does
     plans, dataset_json = copy.deepcopy(predictor.plans_manager.plans), predictor.dataset_json
     if new_inputs:
         trained = channel_modalities(dataset_json)
@@ -58,6 +62,15 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
         block["adaptation"]["missing_modality"] = missing_modality
     _use_plans(predictor, plans, dataset_json, configuration)
     return predictor
+
+
+def _check_base(checkpoint: Path, init_args: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """A PEMMA checkpoint whose frozen base is not the CT base its adapters were trained on (weights edited or
+    copied in by hand) gives a silently different model: refuse it."""
+    record = init_args.get("pemma_base")
+    if record and base_fingerprint(weights) != record[FINGERPRINT_KEY]:
+        raise CheckpointError(f"{checkpoint}: its base tensors differ from the CT base its adapters were trained on "
+                              f"({record.get(BASE_FILE_KEY)}); rebuild it with `pemma apply-adapter` from that base")
 
 
 def _use_plans(predictor: nnUNetPredictor, plans: dict[str, Any], dataset_json: dict[str, Any],
@@ -95,13 +108,20 @@ def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration
             folds: Sequence[int | str], modalities: Sequence[str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint_name: str = "checkpoint_final.pth",
             device: str = "cpu", tta: bool = True, crop_records: Path | None = None,
-            missing_modality: str | None = None, num_processes: int = 3) -> list[Path]:
+            missing_modality: str | None = None, num_processes: int = 3, overwrite: bool = False) -> list[Path]:
     """Predict every case in `input_dir`; with `crop_records`, put the masks back into the original CT grid.
 
+    The input files and the output folder are checked before nnU-Net writes anything: every case must have one
+    file per modality, and predictions already in `output_dir` are only replaced with `overwrite`.
     num_processes: nnU-Net's preprocessing and export workers; 0 predicts in this process (quicker for a few
     cases, since each worker imports torch again).
     """
     model_folder = model_folder_of(dataset, trainer, configuration, plans_identifier)
+    if not (model_folder / "dataset.json").is_file():
+        raise PlansError(f"no trained model in {model_folder} (no dataset.json): check -d, -tr, -c and -p")
+    trained = channel_modalities(json.loads((model_folder / "dataset.json").read_text()))
+    cases = input_cases(input_dir, [m.upper() for m in modalities] if modalities else trained)
+    refuse_existing_predictions(output_dir, cases, overwrite)
     predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta, missing_modality)
     target = output_dir if crop_records is None else output_dir / "cropped_grid"
     target.mkdir(parents=True, exist_ok=True)
