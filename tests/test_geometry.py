@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from hecktor_fixtures import (CT_SPACING, HOT_POINT, PET_ORIGIN, PET_SIZE, PET_SPACING, image, make_ct, make_pet,
                               voxel_centres_mm, write, write_hecktor_2022)
-from nnunetv2_pemma.data.geometry import (bbox_mm_box, headneck_box, load_crop_records, physical_bounds,
-                                          restore_to_original)
+from nnunetv2_pemma.data.geometry import (bbox_mm_box, headneck_box, load_crop_records, nifti_header_problem,
+                                          physical_bounds, restore_to_original)
 from nnunetv2_pemma.data.hecktor import convert_hecktor
 from nnunetv2_pemma.errors import InputDataError
 
@@ -130,4 +131,53 @@ def test_bbox_mm_box_takes_voxels_whose_centres_are_inside() -> None:
     assert start == [7, 2, 12] and size == [10, 22, 3]  # x: -9..9, y: -19..23 (clipped), z: 1..5 (edge included)
     with pytest.raises(InputDataError, match="does not overlap the CT"):
         bbox_mm_box(ct, (100.0, 100.0, 100.0), (150.0, 150.0, 150.0))
+
+
+def _header(sform: np.ndarray | None, qform: np.ndarray | None) -> nib.Nifti1Header:
+    """A header with the given affines (code 1 each; None: code 0); pixdim from the qform, else (2, 2, 2)."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((8, 8, 8))
+    header.set_zooms((2.0, 2.0, 2.0))
+    if qform is not None:
+        header.set_qform(qform, code=1)
+    if sform is not None:
+        header.set_sform(sform, code=1)
+    return header
+
+
+def _affine(scale: tuple[float, float, float] = (2.0, 2.0, 2.0), shear: float = 0.0) -> np.ndarray:
+    affine = np.diag([*scale, 1.0])
+    affine[0, 1] = shear
+    affine[:3, 3] = (-7.0, -7.0, -7.0)
+    return affine
+
+
+def test_nifti_header_accepts_sform_and_qform_equal_up_to_float32() -> None:
+    header = _header(_affine(), _affine())
+    header.set_sform(header.get_sform() + 3e-6, code=1)  # ~10 float32 steps at these magnitudes
+    assert nifti_header_problem((2.0, 2.0, 2.0), header, np.eye(3).ravel()) is None
+
+
+def test_nifti_header_with_sform_only_must_match_its_pixdim() -> None:
+    """SimpleITK takes voxel sizes from pixdim, nibabel from the sform: a lone sform must agree with the pixdim."""
+    header = _header(_affine(scale=(2.0, 2.0, 3.0)), None)
+    assert nifti_header_problem((2.0, 2.0, 2.0), header, np.eye(3).ravel()) == (
+        "has an sform with voxel sizes (2, 2, 3) mm but pixdim (2, 2, 2) mm (SimpleITK takes the pixdim, nibabel the "
+        "sform)")
+    assert nifti_header_problem((2.0, 2.0, 3.0), header, np.eye(3).ravel()) is None
+
+
+def test_nifti_header_problems_of_the_axes() -> None:
+    flat = _affine()
+    flat[:3, 2] = 0.0
+    assert nifti_header_problem((2.0, 2.0, 2.0), _header(flat, None), np.eye(3).ravel()) == \
+        "has an sform whose axis 2 has length 0"
+    assert nifti_header_problem((2.0, 2.0, 2.0), _header(_affine(shear=2.0), None), np.eye(3).ravel()) == \
+        "has an sform whose axes 0 and 1 are not perpendicular (45.0 degrees apart, not 90)"
+    skew = np.eye(3)
+    skew[0, 1] = 0.1
+    assert nifti_header_problem((2.0, 2.0, 2.0), _header(None, _affine()), skew.ravel()) == \
+        "has a direction matrix (as SimpleITK reads it) whose axis 1 has length 1.00499"
+    assert nifti_header_problem((2.0, np.nan, 2.0), _header(None, _affine()), np.eye(3).ravel()).startswith(
+        "has voxel sizes (pixdim) (2, nan, 2) mm in its header")
 

@@ -4,6 +4,10 @@ Everything goes through physical coordinates (SimpleITK's index <-> point transf
 of two different images, because HECKTOR's PET (4 mm) and CT (~1 mm) grids have different origins, extents and
 sometimes directions.
 
+A NIfTI header is checked before its grid is trusted (`nifti_header_problem`): SimpleITK, which the conversion and
+nnU-Net read with, takes a zero voxel size for 1 mm and a negative one for a mirrored axis without a word, and picks
+the sform or the qform by their codes while nibabel always prefers the sform.
+
 A crop record (one per case, stored in the raw dataset's `pemma_crops.json`) is what it takes to put a prediction
 made on the cropped grid back into the original CT grid:
 `{"split": "train"|"test", "original": {"size", "spacing", "origin", "direction"}, "crop_start": [i, j, k],
@@ -16,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -50,6 +55,62 @@ def geometry_mismatch(image: sitk.Image, reference: sitk.Image) -> str | None:
         if not np.allclose(a, b, rtol=0, atol=tol):
             return f"{what} {_fmt(a)} != {_fmt(b)}"
     return None
+
+
+def nifti_header_problem(written_pixdim: Sequence[float], header: nib.Nifti1Header,
+                         direction: Sequence[float]) -> str | None:
+    """Say why a NIfTI header's grid cannot be trusted, or None.
+
+    `written_pixdim`: the three spatial voxel sizes as stored (nibabel repairs them when it loads a header);
+    `header`: the header as nibabel loads it; `direction`: SimpleITK's direction of the image.
+    """
+    pixdim = np.asarray(written_pixdim, float)
+    if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+        return (f"has voxel sizes (pixdim) {_fmt(pixdim)} mm in its header; they must be finite and positive "
+                f"(SimpleITK reads 0 as 1 mm and mirrors an axis whose size is negative)")
+    axes = _axes_problem(np.reshape(np.asarray(direction, float), (3, 3)), unit=True)
+    if axes is not None:
+        return f"has a direction matrix (as SimpleITK reads it) whose {axes}"
+    if header["sform_code"] <= 0:  # SimpleITK and nibabel both use the qform (checked by the voxel sizes)
+        return None
+    sform = header.get_sform()
+    axes = _axes_problem(sform[:3, :3], unit=False)
+    if axes is not None:
+        return f"has an sform whose {axes}"
+    if header["qform_code"] > 0:
+        mismatch = affine_mismatch(sform, header.get_qform())
+        return None if mismatch is None else f"has an sform and a qform that disagree (sform != qform): {mismatch}"
+    sizes = np.linalg.norm(sform[:3, :3], axis=0)
+    if not np.allclose(sizes, pixdim, rtol=0, atol=GEOMETRY_TOL_MM):
+        return (f"has an sform with voxel sizes {_fmt(sizes)} mm but pixdim {_fmt(pixdim)} mm (SimpleITK takes the "
+                f"pixdim, nibabel the sform)")
+    return None
+
+
+def affine_mismatch(a: np.ndarray, b: np.ndarray) -> str | None:
+    """How two voxel-to-world affines differ beyond header rounding (origin, voxel sizes, axis directions), or None."""
+    sizes_a, sizes_b = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    for what, x, y, tol in (("origin", a[:3, 3], b[:3, 3], GEOMETRY_TOL_MM),
+                            ("voxel sizes", sizes_a, sizes_b, GEOMETRY_TOL_MM),
+                            ("direction", (a[:3, :3] / sizes_a).ravel(), (b[:3, :3] / sizes_b).ravel(), DIRECTION_TOL)):
+        if not np.allclose(x, y, rtol=0, atol=tol):
+            return f"{what} {_fmt(x)} != {_fmt(y)}"
+    return None
+
+
+def _axes_problem(matrix: np.ndarray, unit: bool) -> str | None:
+    """Say which columns of a 3x3 matrix are not perpendicular axes of non-zero (`unit`: of unit) length, or None."""
+    lengths = np.linalg.norm(matrix, axis=0)
+    bad = ~np.isfinite(lengths) | (lengths <= 0) | (unit & (np.abs(lengths - 1) > DIRECTION_TOL))
+    if bad.any():
+        a = int(np.flatnonzero(bad)[0])
+        return f"axis {a} has length {lengths[a]:.6g}"
+    cosines = np.abs((matrix / lengths).T @ (matrix / lengths))
+    i, j = max(((0, 1), (0, 2), (1, 2)), key=lambda pair: cosines[pair])
+    if cosines[i, j] <= DIRECTION_TOL:
+        return None
+    angle = np.degrees(np.arccos(min(cosines[i, j], 1.0)))
+    return f"axes {i} and {j} are not perpendicular ({angle:.1f} degrees apart, not 90)"
 
 
 def physical_bounds(image: sitk.Image, box: Box | None = None) -> tuple[np.ndarray, np.ndarray]:
