@@ -3,14 +3,20 @@
 A case is a CT (int16 HU, 2 mm grid, a body cylinder with air above the head), a PET on its own 4 mm grid with a
 different origin (SUV, a Gaussian hot spot at a chosen physical point) and a label on the CT grid (a GTVp block
 and a GTVn block). Everything is small (24^3 CT voxels) so that the tests stay fast on two cores.
+
+Damaged files are made from real ones: `truncate` keeps the first half of a file's bytes, `patch_header` rewrites
+header fields (pixdim, sform, qform, codes) exactly as given, which nibabel's image writer would not do.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -113,3 +119,36 @@ def write_hecktor_2021(root: Path, cases: Iterable[str], box_mm: tuple[Sequence[
             write(make_label(ct, gtvn=False), root / f"{case_id}_gtvt.nii.gz")
             writer.writerow([case_id, lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]])
     return root
+
+
+def truncate(path: Path) -> Path:
+    """Keep the first half of the file's bytes, as an interrupted copy or download does."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def read_header(path: Path) -> nib.Nifti1Header:
+    """The NIfTI-1 header exactly as stored (no repairs)."""
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    return nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+
+
+def patch_header(path: Path, sform: tuple[np.ndarray, int] | None = None, qform: tuple[np.ndarray, int] | None = None,
+                 pixdim: Sequence[float] | None = None, **fields: float) -> Path:
+    """Rewrite header fields of a NIfTI-1 file in place, voxels untouched: sform/qform as (affine, code) (set_qform
+    also sets pixdim from the affine, so `pixdim`, the three spatial voxel sizes, is applied last), other fields by
+    name (sform_code=0, ...)."""
+    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+    header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+    if sform is not None:
+        header.set_sform(sform[0], code=sform[1])
+    if qform is not None:
+        header.set_qform(qform[0], code=qform[1])
+    for name, value in fields.items():
+        header[name] = value
+    if pixdim is not None:
+        header["pixdim"][1:4] = pixdim
+    patched = header.binaryblock + raw[len(header.binaryblock):]
+    path.write_bytes(gzip.compress(patched) if path.name.endswith(".gz") else patched)
+    return path

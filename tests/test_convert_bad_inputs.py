@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from hecktor_fixtures import image, make_ct, make_label, make_pet, write, write_case_2022, write_hecktor_2021, \
-    write_hecktor_2022
+from hecktor_fixtures import image, make_ct, make_label, make_pet, patch_header, read_header, truncate, write, \
+    write_case_2022, write_hecktor_2021, write_hecktor_2022
 
 GOOD = ["CHUM-001", "CHUP-001"]
 BAD = "CHUS-001"
@@ -95,6 +95,51 @@ def _duplicate_image(root: Path) -> None:
     write(make_ct(), root / "imagesTr" / "CHUS_001__CT.nii.gz")
 
 
+def _label_value_almost_1(root: Path) -> None:
+    label = make_label(make_ct())
+    arr = sitk.GetArrayFromImage(label).astype(np.float32)
+    arr[0, 0, 0] = np.float32(1.0000001)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(label)
+    write(out, _label_path(root))
+
+
+def _truncated_label(root: Path) -> None:
+    """A label whose first half (header included) is intact: random values compress too badly to fit the header's
+    share of the file. SimpleITK reads the rest as background."""
+    label = make_label(make_ct())
+    arr = np.random.default_rng(0).integers(0, 3, sitk.GetArrayViewFromImage(label).shape).astype(np.uint8)
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(label)
+    truncate(write(out, _label_path(root)))
+
+
+def _uncompressed_truncated_ct(root: Path) -> None:
+    write(make_ct(), root / "imagesTr" / f"{BAD}__CT.nii")
+    _ct_path(root).unlink()
+    truncate(root / "imagesTr" / f"{BAD}__CT.nii")
+
+
+def _bad_gzip_crc(path: Path) -> None:
+    """Flip a bit of the gzip trailer's CRC: every voxel inflates, only the end of the stream tells (SimpleITK
+    notices; nibabel, which stops after the voxels, is made to read on to the end too)."""
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _sheared_sform(root: Path) -> None:
+    sform = read_header(_ct_path(root)).get_sform()
+    sform[0, 1] = 2.0  # x grows along the second voxel axis too: axes 45 degrees apart
+    patch_header(_ct_path(root), sform=(sform, 1))
+
+
+def _sform_off_qform(root: Path) -> None:
+    sform = read_header(_ct_path(root)).get_sform()
+    sform[2, 3] += 10.0  # 10 mm higher than the qform says; SimpleITK takes the sform, and the label stays put
+    patch_header(_ct_path(root), sform=(sform, 1))
+
+
 def _ct_without_body(root: Path) -> None:
     ct = make_ct()
     write(image(np.full(tuple(reversed(ct.GetSize())), -1000, np.int16), ct.GetSpacing(), ct.GetOrigin()),
@@ -125,6 +170,37 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "CT without body": (_ct_without_body, ["CT file imagesTr/CHUS-001__CT.nii.gz: no body in the CT"]),
     "test case with a label": (lambda r: write_case_2022(r, BAD, test=True),
                                ["has files in imagesTs/ and in imagesTr/ or labelsTr/"]),
+    "label value 1.0000001": (_label_value_almost_1,
+                              ["label file labelsTr/CHUS-001.nii.gz has values {1.0000001} outside {0, 1, 2}"]),
+    # SimpleITK reads the missing half as zeros without an error
+    "truncated CT": (lambda r: truncate(_ct_path(r)),
+                     ["CT file imagesTr/CHUS-001__CT.nii.gz is truncated or corrupt: nibabel cannot decode it "
+                      "(EOFError: Compressed file ended before the end-of-stream marker was reached)"]),
+    "truncated label": (_truncated_label,
+                        ["label file labelsTr/CHUS-001.nii.gz is truncated or corrupt: nibabel cannot decode it "
+                         "(EOFError: Compressed file ended before the end-of-stream marker was reached)"]),
+    "truncated .nii": (_uncompressed_truncated_ct,
+                       ["CT file imagesTr/CHUS-001__CT.nii is truncated or corrupt: nibabel cannot decode it "
+                        "(OSError: Expected 27648 bytes, got 13648 bytes from imagesTr/CHUS-001__CT.nii - could the "
+                        "file be damaged?)"]),
+    "bad gzip CRC": (lambda r: _bad_gzip_crc(_pet_path(r)), ["cannot read PET file imagesTr/CHUS-001__PT.nii.gz"]),
+    # SimpleITK reads a zero voxel size as 1 mm and mirrors an axis whose size is negative
+    "zero pixdim CT": (lambda r: patch_header(_ct_path(r), pixdim=(2.0, 0.0, 2.0)),
+                       ["CT file imagesTr/CHUS-001__CT.nii.gz has voxel sizes (pixdim) (2, 0, 2) mm in its header; "
+                        "they must be finite and positive (SimpleITK reads 0 as 1 mm and mirrors an axis whose size "
+                        "is negative)"]),
+    "negative pixdim PET": (lambda r: patch_header(_pet_path(r), pixdim=(4.0, 4.0, -4.0)),
+                            ["PET file imagesTr/CHUS-001__PT.nii.gz has voxel sizes (pixdim) (4, 4, -4) mm in its "
+                             "header; they must be finite and positive"]),
+    "negative pixdim CT": (lambda r: patch_header(_ct_path(r), pixdim=(2.0, 2.0, -2.0)),
+                           ["CT file imagesTr/CHUS-001__CT.nii.gz has voxel sizes (pixdim) (2, 2, -2) mm"]),
+    "negative pixdim label": (lambda r: patch_header(_label_path(r), pixdim=(-2.0, 2.0, 2.0)),
+                              ["label file labelsTr/CHUS-001.nii.gz has voxel sizes (pixdim) (-2, 2, 2) mm"]),
+    "sheared sform": (_sheared_sform, ["CT file imagesTr/CHUS-001__CT.nii.gz has an sform whose axes 0 and 1 are "
+                                       "not perpendicular (45.0 degrees apart, not 90)"]),
+    "sform and qform disagree": (_sform_off_qform,
+                                 ["CT file imagesTr/CHUS-001__CT.nii.gz has an sform and a qform that disagree "
+                                  "(sform != qform): origin (23, 23, -13) != (23, 23, -23)"]),
 }
 
 

@@ -1,26 +1,37 @@
 """Per-case checks, run on every case before anything is written.
 
-Each check reads the case's files and returns the list of problems found (empty when the case is fine) together
-with its crop record, so that the conversion either writes every selected case or nothing at all.
+Each check reads the case's files and returns the problems found (empty when the case is fine), the warnings to show
+if it is converted, and its crop record, so that the conversion either writes every selected case or nothing at all.
+
+Every file is decoded whole twice, by SimpleITK (what the conversion and nnU-Net read with) and by nibabel, and the
+two must agree: SimpleITK fills a truncated .nii.gz with zeros and turns NaN into 0 without an error, and reads some
+broken headers as another grid (see `geometry.nifti_header_problem`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import nibabel as nib
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_pemma.data.centers import center_of
 from nnunetv2_pemma.data.geometry import (Box, bbox_mm_box, crop_record, geometry_mismatch, headneck_box,
-                                          overlap_problem, sitk_error_reason)
+                                          nifti_header_problem, overlap_problem, sitk_error_reason)
 from nnunetv2_pemma.errors import InputDataError
 
-_FLOAT_PIXELS = (sitk.sitkFloat32, sitk.sitkFloat64)
+_DECODE_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
+_HEADER_CLASSES = (nib.Nifti1Header, nib.Nifti2Header)
+_SLAB_VOXELS = 1 << 22  # voxels compared at a time, so that a 512x512x300 CT needs no full-size temporaries
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,16 @@ class CaseFiles:
 class CaseCheck:
     problems: list[str]
     record: dict | None  # crop record; None when the case is bad
+    warnings: list[str] = field(default_factory=list)  # suspicious but convertible (only looked for in good cases)
+
+
+@dataclass(frozen=True)
+class _Nifti:
+    """A NIfTI file as nibabel decodes it."""
+
+    header: nib.Nifti1Header  # as nibabel loads it (repaired where it can)
+    written_pixdim: tuple[float, ...]  # the three spatial voxel sizes as stored, before nibabel's repairs
+    stored: np.ndarray  # voxel values before scl_slope/scl_inter, in the file's (x, y, z) order
 
 
 def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Sequence[int], crop: str,
@@ -83,19 +104,23 @@ def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Seque
             if pet is not None and (overlap := overlap_problem(pet, ct, box)) is not None:
                 problems.append(f"PET file {case.show(case.pet)} {overlap}")
             record = crop_record(ct, box, case.split)
-    return CaseCheck(problems, record if not problems else None)
+    if problems:
+        return CaseCheck(problems, None)
+    return CaseCheck(problems, record, _suspicious(case, ct, pet))  # no problems: the CT was read
 
 
 def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.Image | None:
-    """A readable 3-D scalar image with finite voxels, or None with the reason appended to `problems`."""
+    """A 3-D scalar image that SimpleITK and nibabel decode alike, with finite voxels and a header grid that can be
+    trusted, or None with the reason appended to `problems`."""
     shown = case.show(path)
     if not path.is_file():
         problems.append(f"missing {what} file {shown}")
         return None
     try:
-        image = sitk.ReadImage(str(path))
+        with _quiet_itk():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as e:
-        problems.append(f"cannot read {what} file {shown}: {sitk_error_reason(e)}")
+        problems.append(f"cannot read {what} file {shown}: {sitk_error_reason(e).replace(str(path), shown)}")
         return None
     if image.GetDimension() != 3:
         problems.append(f"{what} file {shown} is {image.GetDimension()}-D {image.GetSize()}, expected a 3-D image")
@@ -105,26 +130,104 @@ def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.I
                         f"expected 1")
         return None
     try:
-        n_bad = _count_non_finite(path, image)
-    except (ImageFileError, OSError, EOFError, ValueError) as e:
-        problems.append(f"cannot read {what} file {shown}: {e}")
+        nifti = _decode(path)
+    except _DECODE_ERRORS as e:
+        reason = " ".join(str(e).replace(str(path), shown).split())
+        problems.append(f"{what} file {shown} is truncated or corrupt: nibabel cannot decode it "
+                        f"({type(e).__name__}: {reason})")
         return None
-    if n_bad:
-        problems.append(f"{what} file {shown} has {n_bad} NaN/inf voxels")
+    problem = _voxel_problem(nifti, image) or nifti_header_problem(nifti.written_pixdim, nifti.header,
+                                                                   image.GetDirection())
+    if problem is not None:
+        problems.append(f"{what} file {shown} {problem}")
         return None
     return image
 
 
-def _count_non_finite(path: Path, image: sitk.Image) -> int:
-    """NaN/inf voxels of a float image, counted in the file: SimpleITK's NIfTI reader (ITK < 6) silently turns them
-    into 0, which would hide them from us and from nnU-Net's own integrity check."""
-    if image.GetPixelID() not in _FLOAT_PIXELS:
-        return 0
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    else:
-        data = sitk.GetArrayViewFromImage(image)
-    return int(data.size - np.count_nonzero(np.isfinite(data)))
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK prints multi-line warnings about odd headers on stderr; the checks here report those files themselves."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _decode(path: Path) -> _Nifti:
+    """Decode the whole file with nibabel, once; a .nii.gz is read to its end, where gzip checks its CRC and length
+    (nibabel alone stops after the voxels, so a corrupt but inflatable stream would pass)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f, nib.imageglobals.LoggingOutputSuppressor():
+        block = f.read(max(k.template_dtype.itemsize for k in _HEADER_CLASSES))
+        klass = next((k for k in _HEADER_CLASSES if k.may_contain_header(block)), None)
+        if klass is None:
+            raise ImageFileError("no NIfTI-1 or NIfTI-2 header")
+        block = block[:klass.template_dtype.itemsize]
+        written = klass(block, check=False)
+        header = klass(block)  # nibabel's own checks: repairs what it can, raises on what it cannot
+        stored = ArrayProxy(f, header, mmap=False).get_unscaled()
+        while f.read(1 << 24):
+            pass
+    return _Nifti(header, tuple(float(v) for v in written["pixdim"][1:4]), stored)
+
+
+def _voxel_problem(nifti: _Nifti, image: sitk.Image) -> str | None:
+    """NaN/inf voxels (SimpleITK reads them as 0), or voxels that SimpleITK decodes otherwise than nibabel (it reads
+    the missing part of a truncated file as zeros); compared slab by slab to bound the memory."""
+    shape = tuple(int(n) for n in nifti.stored.shape[:3])
+    if len(nifti.stored.shape) < 3 or any(n != 1 for n in nifti.stored.shape[3:]) or shape != image.GetSize():
+        return (f"is truncated or corrupt: SimpleITK reads {_dims(image.GetSize())} voxels, "
+                f"nibabel {_dims(nifti.stored.shape)}")
+    slope, inter = (d if v is None else float(v) for v, d in zip(nifti.header.get_slope_inter(), (1.0, 0.0)))
+    ours = nifti.stored.reshape(shape, order="F").T  # (z, y, x) like SimpleITK's arrays; a view, no copy
+    theirs = sitk.GetArrayViewFromImage(image)
+    step = max(1, _SLAB_VOXELS // (shape[0] * shape[1]))
+    non_finite = differing = 0
+    first = ""
+    for z in range(0, shape[2], step):
+        a = ours[z:z + step] if (slope, inter) == (1.0, 0.0) else ours[z:z + step] * slope + inter
+        b = theirs[z:z + step]
+        mask, n_bad = _differing(a, b, inter)
+        non_finite += n_bad
+        n = int(np.count_nonzero(mask))
+        if n and not first:
+            k, j, i = np.unravel_index(int(np.argmax(mask)), mask.shape)
+            first = f"first at voxel ({i}, {j}, {z + k}): SimpleITK {b[k, j, i]}, nibabel {a[k, j, i]}"
+        differing += n
+    if non_finite:
+        return f"has {non_finite} NaN/inf voxels"
+    if differing:
+        return (f"is truncated or corrupt: SimpleITK and nibabel decode {differing} of {int(np.prod(shape))} voxels "
+                f"differently ({first})")
+    return None
+
+
+def _differing(a: np.ndarray, b: np.ndarray, inter: float) -> tuple[np.ndarray, int]:
+    """Where SimpleITK's `b` differs from nibabel's `a`: exactly for integer images, within float rounding of the
+    scaling for float ones; NaN/inf in `a` are counted apart (SimpleITK has 0 there)."""
+    if b.dtype.kind != "f":
+        return a != b, 0
+    finite = np.isfinite(a)
+    tolerance = 4 * np.finfo(b.dtype).eps * (np.abs(a) + abs(inter))
+    return finite & ~(np.abs(a - b) <= tolerance), int(a.size - np.count_nonzero(finite))
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+def _suspicious(case: CaseFiles, ct: sitk.Image, pet: sitk.Image | None) -> list[str]:
+    """Convertible, but probably not what was meant: a PET with no signal, a CT of a single value."""
+    found = []
+    if pet is not None and not np.any(sitk.GetArrayViewFromImage(pet)):
+        found.append(f"{case.case_id}: PET file {case.show(case.pet)} is all zero (no uptake anywhere)")
+    values = sitk.GetArrayViewFromImage(ct)
+    if values.min() == values.max():
+        found.append(f"{case.case_id}: CT file {case.show(case.ct)} has the same value ({values.flat[0]}) in every "
+                     f"voxel")
+    return found
 
 
 def _label_problems(case: CaseFiles, label: sitk.Image, allowed: Sequence[int]) -> list[str]:
@@ -132,9 +235,16 @@ def _label_problems(case: CaseFiles, label: sitk.Image, allowed: Sequence[int]) 
     outside = np.unique(array[~np.isin(array, allowed)])
     if outside.size == 0:
         return []
-    shown = ", ".join(f"{v:g}" for v in outside[:10].tolist()) + (", ..." if outside.size > 10 else "")
+    shown = ", ".join(_exact(v) for v in outside[:10]) + (", ..." if outside.size > 10 else "")
     return [f"label file {case.show(case.label)} has values {{{shown}}} outside "
             f"{{{', '.join(str(v) for v in allowed)}}}"]
+
+
+def _exact(value: np.generic) -> str:
+    """A whole number as such, anything else in numpy's shortest repr for its dtype (1.0000001 must not show as 1)."""
+    if np.issubdtype(value.dtype, np.integer) or not value.is_integer():
+        return str(value)
+    return str(int(value))
 
 
 def _box(case: CaseFiles, ct: sitk.Image, crop: str, crop_size_mm: Sequence[float]) -> Box:
