@@ -131,6 +131,8 @@ def test_ct_only_needs_no_pet(tmp_path: Path) -> None:
     assert json.loads((out / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
     assert not (out / "splits_final.json").exists() and not (out / "imagesTs").exists()
     assert "splits: none (fewer than 5 training cases" in str(report)
+    assert ("too few for nnU-Net's 5-fold cross-validation): train on all of them with fold `all` (nnUNetv2_train 502 "
+            "CONFIGURATION all -tr TRAINER) or convert more cases") in str(report)
     assert write_splits_to_preprocessed(out, tmp_path / "pp") is None
 
 

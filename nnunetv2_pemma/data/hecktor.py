@@ -16,11 +16,14 @@ normalisation (a global SUV window) is decided in the plans, not by nnU-Net's pe
 makes PET comparable across centres.
 
 Every selected case is validated before anything is written; the dataset is written into a hidden temporary
-folder inside nnUNet_raw and renamed at the end, so a failure leaves nothing behind.
+folder inside nnUNet_raw and renamed at the end, so a failure, Ctrl-C or SIGTERM leaves nothing behind. While it
+converts, `.DatasetNNN.lock` in nnUNet_raw (holding the process id) keeps a second conversion off the same id.
+Hidden files (names starting with '.', such as the '._' resource forks macOS leaves on shared drives) are ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -29,7 +32,7 @@ import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
@@ -38,8 +41,9 @@ from tqdm import tqdm
 from nnunetv2_pemma.data.centers import KNOWN_CENTERS, LABELS_2021, LABELS_2022, center_of
 from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, resample_pet_to
 from nnunetv2_pemma.data.splits import N_FOLDS, make_center_splits, save_splits
-from nnunetv2_pemma.data.validation import CaseFiles, check_case
-from nnunetv2_pemma.errors import InputDataError
+from nnunetv2_pemma.data.validation import CaseCheck, CaseFiles, check_case
+from nnunetv2_pemma.errors import InputDataError, warn
+from nnunetv2_pemma.filesystem import sigterm_as_interrupt
 
 _NIFTI = re.compile(r"^(?P<stem>.+?)\.nii(?:\.gz)?$", re.IGNORECASE)
 _IMAGE_2022 = re.compile(r"^(?P<id>.+)__(?P<mod>CT|PT)\.nii(?:\.gz)?$", re.IGNORECASE)
@@ -48,6 +52,9 @@ _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BBOX_COLUMNS = ("PatientID", "x1", "x2", "y1", "y2", "z1", "z2")
 _CHANNEL = {"CT": "CT", "PET": "PT"}  # modality name -> HECKTOR file tag
 _KIND_NAMES = {"CT": "CT", "PT": "PET", "label": "label", "ct": "CT", "pt": "PET", "gtvt": "label"}
+# Why a file was ignored, as the report says it: "ignored N file(s) <why>: ..."
+UNEXPECTED_NAME = "with unexpected names"
+HIDDEN = "whose names start with '.' (hidden files, such as macOS '._' resource forks)"
 
 
 @dataclass
@@ -55,6 +62,7 @@ class ConversionReport:
     """What `convert_hecktor` wrote; printed by the CLI."""
 
     dataset_dir: Path
+    dataset_id: int
     channels: list[str]
     training_cases: list[str]
     test_cases: list[str]
@@ -62,7 +70,7 @@ class ConversionReport:
     crop: str
     splits_file: Path | None
     skipped: dict[str, str]
-    ignored_files: list[str]
+    ignored_files: dict[str, str]  # file (relative to the input folder) -> why (UNEXPECTED_NAME or HIDDEN)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.dataset_dir}",
@@ -73,13 +81,15 @@ class ConversionReport:
             lines.append(f"  splits: {N_FOLDS} folds stratified by centre in {self.splits_file.name} "
                          f"(nnUNetv2_plan_and_preprocess and `pemma plans transfer` copy it to nnUNet_preprocessed)")
         else:
-            lines.append(f"  splits: none (fewer than {N_FOLDS} training cases; nnU-Net will make its own)")
+            lines.append(f"  splits: none (fewer than {N_FOLDS} training cases, too few for nnU-Net's {N_FOLDS}-fold "
+                         f"cross-validation): train on all of them with fold `all` (nnUNetv2_train "
+                         f"{self.dataset_id} CONFIGURATION all -tr TRAINER) or convert more cases")
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad case(s):")
             lines += [f"    {case}: {reason}" for case, reason in sorted(self.skipped.items())]
-        if self.ignored_files:
-            lines.append(f"  ignored {len(self.ignored_files)} file(s) with unexpected names: "
-                         + ", ".join(self.ignored_files))
+        for why in dict.fromkeys(self.ignored_files.values()):
+            files = [f for f, w in self.ignored_files.items() if w == why]
+            lines.append(f"  ignored {len(files)} file(s) {why}: {', '.join(files)}")
         return "\n".join(lines)
 
 
@@ -87,12 +97,14 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
                     modalities: Sequence[str] = ("CT", "PET"), crop: str = "headneck",
                     crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0), edition: int = 2022,
                     skip_bad: bool = False, raw_root: Path | None = None) -> ConversionReport:
-    """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing)."""
+    """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing).
+
+    Suspicious but convertible cases (an all-zero PET, a constant CT) are reported as PemmaWarnings.
+    """
     input_dir = Path(input_dir)
     modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
     raw_root = _raw_root(raw_root)
     final_dir = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    _check_target(raw_root, final_dir, dataset_id)
     if not input_dir.is_dir():
         raise InputDataError(f"input folder {input_dir} does not exist")
     if edition == 2022:
@@ -100,15 +112,30 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     else:
         cases, ignored = discover_2021(input_dir, with_bbox=crop == "headneck")
     cases = _select_centers(cases, centers, input_dir)
-
     labels = LABELS_2022 if edition == 2022 else LABELS_2021
-    good, records, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir)
+    with sigterm_as_interrupt(), _dataset_lock(raw_root, dataset_id):
+        _check_target(raw_root, final_dir, dataset_id)  # under the lock: no other conversion can add the id now
+        good, checks, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir)
+        for check in checks.values():
+            for message in check.warnings:
+                warn(message)
+        size_mm = [float(v) for v in crop_size_mm] if crop == "headneck" and edition == 2022 else None
+        pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop, "crop_size_mm": size_mm,
+                       "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
+                       "source": str(input_dir), "skipped": bad}
+        splits_file = _write_atomically(final_dir, good, {cid: check.record for cid, check in checks.items()},
+                                        modalities, labels, pemma_block)
+    return ConversionReport(final_dir, dataset_id, list(modalities), [c.case_id for c in good if c.split == "train"],
+                            [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
+                            _describe_crop(crop, crop_size_mm, edition),
+                            final_dir / splits_file.name if splits_file else None, bad, ignored)
 
-    pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop,
-                   "crop_size_mm": [float(v) for v in crop_size_mm] if crop == "headneck" and edition == 2022 else None,
-                   "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
-                   "source": str(input_dir), "skipped": bad}
-    tmp_dir = raw_root / f".{final_dir.name}.tmp-{os.getpid()}"
+
+def _write_atomically(final_dir: Path, good: list[CaseFiles], records: dict[str, dict], modalities: list[str],
+                      labels: dict[str, int], pemma_block: dict) -> Path | None:
+    """Write the dataset into a hidden folder next to `final_dir` and rename it into place; remove it on any failure
+    (Ctrl-C and, within `sigterm_as_interrupt`, SIGTERM included)."""
+    tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
     try:
         splits_file = _write_dataset(tmp_dir, good, records, modalities, labels, pemma_block, final_dir.name)
         if final_dir.exists():
@@ -117,16 +144,88 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    return ConversionReport(final_dir, list(modalities), [c.case_id for c in good if c.split == "train"],
-                            [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
-                            _describe_crop(crop, crop_size_mm, edition),
-                            final_dir / splits_file.name if splits_file else None, bad, ignored)
+    return splits_file
+
+
+@contextlib.contextmanager
+def _dataset_lock(raw_root: Path, dataset_id: int) -> Iterator[Path]:
+    """Hold `.DatasetNNN.lock` in nnUNet_raw while converting: two conversions to one id would race for it (and may
+    name their folders differently, leaving nnU-Net two datasets with one id). Always released."""
+    raw_root.mkdir(parents=True, exist_ok=True)
+    lock = raw_root / f".Dataset{dataset_id:03d}.lock"
+    _acquire(lock, dataset_id)
+    try:
+        yield lock
+    finally:
+        if _lock_owner(lock) == os.getpid():
+            lock.unlink(missing_ok=True)
+
+
+def _acquire(lock: Path, dataset_id: int) -> None:
+    """Create the lock, or take it over from a process that is gone (killed with -9, a crashed node) together with
+    its unfinished dataset folder; refuse while its owner is alive."""
+    try:
+        _create_lock(lock)
+        return
+    except FileExistsError:
+        owner = _lock_owner(lock)
+    if owner is None and lock.exists():
+        raise InputDataError(f"lock file {lock} exists but holds no process id; remove it if no conversion of "
+                             f"dataset id {dataset_id} is running")
+    if owner is not None and _alive(owner):
+        raise InputDataError(f"dataset id {dataset_id} is being converted by process {owner} (lock file {lock}); "
+                             f"wait for it to finish, or remove the lock file if process {owner} is not a conversion")
+    if owner is not None:
+        _remove_stale_lock(lock, owner, dataset_id)
+    try:
+        _create_lock(lock)
+    except FileExistsError:
+        raise InputDataError(f"another conversion of dataset id {dataset_id} took lock file {lock} at the same time; "
+                             f"nothing was written") from None
+
+
+def _create_lock(lock: Path) -> None:
+    """Create the lock file holding our process id; FileExistsError when it exists (O_EXCL: atomic)."""
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _remove_stale_lock(lock: Path, owner: int, dataset_id: int) -> None:
+    """Remove a dead process's lock and the temporary dataset folder it left, with a warning."""
+    leftovers = sorted(lock.parent.glob(f".Dataset{dataset_id:03d}_*.tmp-{owner}"))
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    lock.unlink(missing_ok=True)
+    removed = f" and removed its unfinished {', '.join(p.name for p in leftovers)}" if leftovers else ""
+    warn(f"took over lock file {lock} of process {owner}, which is no longer running{removed}")
+
+
+def _lock_owner(lock: Path) -> int | None:
+    """The process id in a lock file, or None if it holds none (or is gone)."""
+    try:
+        text = lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str, int], crop: str,
                  crop_size_mm: Sequence[float], skip_bad: bool,
-                 input_dir: Path) -> tuple[list[CaseFiles], dict[str, dict], dict[str, str]]:
-    """Good cases, their crop records, and the bad ones (case -> reason); raise unless skip_bad can cope."""
+                 input_dir: Path) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
+    """Good cases, their checks (crop record, warnings), and the bad ones (case -> reason); raise unless skip_bad
+    can cope."""
     checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
               for case in tqdm(cases, desc="checking cases", unit="case")}
     bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
@@ -138,7 +237,7 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
     if not any(case.split == "train" for case in good):
         why = f" after skipping the bad ones: {listing}" if bad else " (only imagesTs/ cases were selected)"
         raise InputDataError(f"no valid training case left in {input_dir}{why}")
-    return good, {case.case_id: checks[case.case_id].record for case in good}, bad
+    return good, {case.case_id: checks[case.case_id] for case in good}, bad
 
 
 def canonical_id(raw_id: str) -> str:
@@ -146,19 +245,19 @@ def canonical_id(raw_id: str) -> str:
     return raw_id.replace("_", "-", 1) if "-" not in raw_id else raw_id
 
 
-def discover_2022(root: Path) -> tuple[list[CaseFiles], list[str]]:
-    """Cases of a HECKTOR 2022 folder, and the NIfTI files whose names fit no case."""
+def discover_2022(root: Path) -> tuple[list[CaseFiles], dict[str, str]]:
+    """Cases of a HECKTOR 2022 folder, and the files ignored (hidden ones, NIfTI files whose names fit no case)."""
     if not (root / "imagesTr").is_dir():
         hint = " (it looks like HECKTOR 2021: use --edition 2021)" if any(root.glob("*_ct.nii*")) else ""
         raise InputDataError(f"no imagesTr/ folder in {root}: not a HECKTOR 2022 folder{hint}")
     found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    ignored: list[str] = []
+    ignored: dict[str, str] = {}
     for folder, split in (("imagesTr", "train"), ("imagesTs", "test"), ("labelsTr", "train")):
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             match = (_NIFTI if folder == "labelsTr" else _IMAGE_2022).match(path.name)
-            if match is None:
-                if _NIFTI.match(path.name):
-                    ignored.append(f"{folder}/{path.name}")
+            if match is None or path.name.startswith("."):
+                if (why := _ignored_because(path.name)) is not None:
+                    ignored[f"{folder}/{path.name}"] = why
                 continue
             case_id = canonical_id(match["stem"] if folder == "labelsTr" else match["id"])
             kind = "label" if folder == "labelsTr" else match["mod"].upper()
@@ -182,15 +281,16 @@ def discover_2022(root: Path) -> tuple[list[CaseFiles], list[str]]:
     return cases, ignored
 
 
-def discover_2021(root: Path, with_bbox: bool) -> tuple[list[CaseFiles], list[str]]:
-    """Cases of a flat HECKTOR 2021 folder; with_bbox: attach each case's box from hecktor2021_bbox_*.csv."""
+def discover_2021(root: Path, with_bbox: bool) -> tuple[list[CaseFiles], dict[str, str]]:
+    """Cases of a flat HECKTOR 2021 folder and the files ignored; with_bbox: attach each case's box from
+    hecktor2021_bbox_*.csv."""
     found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    ignored: list[str] = []
+    ignored: dict[str, str] = {}
     for path in sorted(root.glob("*")):
         match = _FILE_2021.match(path.name)
-        if match is None:
-            if _NIFTI.match(path.name):
-                ignored.append(path.name)
+        if match is None or path.name.startswith("."):
+            if (why := _ignored_because(path.name)) is not None:
+                ignored[path.name] = why
             continue
         found[match["id"]][match["kind"].lower()].append(path)
     boxes = _read_bboxes(root) if with_bbox else {}
@@ -210,6 +310,17 @@ def discover_2021(root: Path, with_bbox: bool) -> tuple[list[CaseFiles], list[st
             label=(files["gtvt"] or [root / f"{case_id}_gtvt.nii.gz"])[0],
             bbox_mm=box if isinstance(box, tuple) else None, problems=tuple(problems)))
     return cases, ignored
+
+
+def _ignored_because(name: str) -> str | None:
+    """Why a file that is no case file is listed as ignored; None for other files (tables, notes), skipped silently.
+
+    A hidden file is never a case file: a macOS resource fork '._CHUM-001__CT.nii.gz' fits the names but holds no
+    image.
+    """
+    if name.startswith("."):
+        return HIDDEN
+    return UNEXPECTED_NAME if _NIFTI.match(name) else None
 
 
 def _read_bboxes(root: Path) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]] | str]:
