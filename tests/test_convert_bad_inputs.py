@@ -32,6 +32,8 @@ def error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("pemma convert-hecktor: error: ")
+    besides_progress = [ln for ln in done.stderr.replace("\r", "\n").splitlines() if ln.strip() and "case/s]" not in ln]
+    assert besides_progress == [line]  # nothing from ITK or nibabel either
     return line
 
 
@@ -184,6 +186,11 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
                         "(OSError: Expected 27648 bytes, got 13648 bytes from imagesTr/CHUS-001__CT.nii - could the "
                         "file be damaged?)"]),
     "bad gzip CRC": (lambda r: _bad_gzip_crc(_pet_path(r)), ["cannot read PET file imagesTr/CHUS-001__PT.nii.gz"]),
+    # NIfTI: scl_slope 0 means "not scaled"; SimpleITK still adds scl_inter
+    "slope 0 with an intercept": (lambda r: patch_header(_ct_path(r), scl_slope=0.0, scl_inter=5.0),
+                                  ["CT file imagesTr/CHUS-001__CT.nii.gz is corrupt or ambiguous: SimpleITK and nibabel "
+                                   "read 13824 of 13824 voxels differently (first at voxel (0, 0, 0): SimpleITK -995.0, "
+                                   "nibabel -1000)"]),
     # SimpleITK reads a zero voxel size as 1 mm and mirrors an axis whose size is negative
     "zero pixdim CT": (lambda r: patch_header(_ct_path(r), pixdim=(2.0, 0.0, 2.0)),
                        ["CT file imagesTr/CHUS-001__CT.nii.gz has voxel sizes (pixdim) (2, 0, 2) mm in its header; "

@@ -72,6 +72,15 @@ def test_sform_and_qform_equal_up_to_float32_rounding_pass(tmp_path: Path) -> No
     assert report.training_cases == ["CHUM-001"]
 
 
+def test_scaled_voxels_pass(tmp_path: Path) -> None:
+    """scl_slope/scl_inter: SimpleITK scales in float32, nibabel in float64; the two agree within rounding."""
+    root = write_hecktor_2022(tmp_path / "in", ["CHUM-001"])
+    patch_header(root / "imagesTr" / "CHUM-001__CT.nii.gz", scl_slope=2.0, scl_inter=0.0)
+    patch_header(root / "imagesTr" / "CHUM-001__PT.nii.gz", scl_slope=0.37, scl_inter=0.0123)
+    report = convert_hecktor(root, dataset_id=616, name="Scaled", raw_root=tmp_path / "raw")
+    assert report.training_cases == ["CHUM-001"]
+
+
 def _resource_fork(path: Path) -> None:
     """What macOS writes beside a file on a non-Apple drive: an AppleDouble header, no image."""
     path.write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + bytes(4088))

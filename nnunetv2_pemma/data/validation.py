@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,9 +86,10 @@ def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Seque
     if case.problems:  # duplicate ids, unknown centre...: the files are ambiguous, reading them tells nothing more
         return CaseCheck(list(case.problems), None)
     problems: list[str] = []
-    ct = _read(case, case.ct, "CT", problems)
-    pet = _read(case, case.pet, "PET", problems) if "PET" in modalities else None
-    label = _read(case, case.label, "label", problems) if case.label is not None else None
+    with _quiet_readers():
+        ct = _read(case, case.ct, "CT", problems)
+        pet = _read(case, case.pet, "PET", problems) if "PET" in modalities else None
+        label = _read(case, case.label, "label", problems) if case.label is not None else None
     if label is not None:
         problems += _label_problems(case, label, allowed_labels)
         if ct is not None:
@@ -117,8 +119,7 @@ def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.I
         problems.append(f"missing {what} file {shown}")
         return None
     try:
-        with _quiet_itk():
-            image = sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as e:
         problems.append(f"cannot read {what} file {shown}: {sitk_error_reason(e).replace(str(path), shown)}")
         return None
@@ -145,21 +146,26 @@ def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.I
 
 
 @contextlib.contextmanager
-def _quiet_itk() -> Iterator[None]:
-    """ITK prints multi-line warnings about odd headers on stderr; the checks here report those files themselves."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+def _quiet_readers() -> Iterator[None]:
+    """ITK and nibabel print what they make of odd headers on stderr (ITK in several lines); the checks here report
+    such files themselves, in one line."""
+    itk_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    nibabel_logger: logging.Logger = nib.imageglobals.logger
+    nibabel_disabled = nibabel_logger.disabled
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    nibabel_logger.disabled = True
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+        sitk.ProcessObject.SetGlobalWarningDisplay(itk_shown)
+        nibabel_logger.disabled = nibabel_disabled
 
 
 def _decode(path: Path) -> _Nifti:
     """Decode the whole file with nibabel, once; a .nii.gz is read to its end, where gzip checks its CRC and length
     (nibabel alone stops after the voxels, so a corrupt but inflatable stream would pass)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f, nib.imageglobals.LoggingOutputSuppressor():
+    with opener(path, "rb") as f:
         block = f.read(max(k.template_dtype.itemsize for k in _HEADER_CLASSES))
         klass = next((k for k in _HEADER_CLASSES if k.may_contain_header(block)), None)
         if klass is None:
@@ -174,11 +180,12 @@ def _decode(path: Path) -> _Nifti:
 
 
 def _voxel_problem(nifti: _Nifti, image: sitk.Image) -> str | None:
-    """NaN/inf voxels (SimpleITK reads them as 0), or voxels that SimpleITK decodes otherwise than nibabel (it reads
-    the missing part of a truncated file as zeros); compared slab by slab to bound the memory."""
+    """NaN/inf voxels (SimpleITK reads them as 0), or voxels that SimpleITK reads otherwise than nibabel (damaged
+    data one of them tolerates, or a header they read differently, such as scl_slope 0 with an scl_inter); compared
+    slab by slab to bound the memory."""
     shape = tuple(int(n) for n in nifti.stored.shape[:3])
     if len(nifti.stored.shape) < 3 or any(n != 1 for n in nifti.stored.shape[3:]) or shape != image.GetSize():
-        return (f"is truncated or corrupt: SimpleITK reads {_dims(image.GetSize())} voxels, "
+        return (f"is corrupt or ambiguous: SimpleITK reads {_dims(image.GetSize())} voxels, "
                 f"nibabel {_dims(nifti.stored.shape)}")
     slope, inter = (d if v is None else float(v) for v, d in zip(nifti.header.get_slope_inter(), (1.0, 0.0)))
     ours = nifti.stored.reshape(shape, order="F").T  # (z, y, x) like SimpleITK's arrays; a view, no copy
@@ -199,7 +206,7 @@ def _voxel_problem(nifti: _Nifti, image: sitk.Image) -> str | None:
     if non_finite:
         return f"has {non_finite} NaN/inf voxels"
     if differing:
-        return (f"is truncated or corrupt: SimpleITK and nibabel decode {differing} of {int(np.prod(shape))} voxels "
+        return (f"is corrupt or ambiguous: SimpleITK and nibabel read {differing} of {int(np.prod(shape))} voxels "
                 f"differently ({first})")
     return None
 
