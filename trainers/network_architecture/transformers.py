@@ -9,14 +9,16 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_pemma.config import PEMMA_KEY, PemmaBlock
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.build import build_plain_network
+from nnunetv2_pemma.trainers.common import FewCasesNeedFoldAll, OneLineErrors
 from nnunetv2_pemma.training.augmentation import select_transforms
 from nnunetv2_pemma.training.threads import limit_cpu_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
-class UNETRTrainer(nnUNetTrainer):
+class UNETRTrainer(OneLineErrors, FewCasesNeedFoldAll, nnUNetTrainer):
     """MONAI UNETR from the plans preset (any number of input channels): no deep supervision, AdamW and the
-    preset's iteration budget and learning-rate schedule."""
+    preset's iteration budget and learning-rate schedule. The base of every trainer of this package (their
+    common behaviour: `common.py`)."""
 
     architecture = "UNETR"
 
