@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cli, run_ok
+from test_trainer_errors import one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -80,22 +81,20 @@ def test_nnunet_predict_on_ct_pet(workflow: dict, tmp_path: Path) -> None:
 def test_pemma_trainer_refuses_a_checkpoint_with_adapters(workflow: dict) -> None:
     proc = run_cli(["nnUNetv2_train", "502", CONFIG, "1", "-tr", "PEMMATrainer", "-device", "cpu",
                     "-pretrained_weights", str(workflow["adapted"])], workflow["env"])
-    assert proc.returncode != 0
-    assert "already holds PEMMA adapters" in proc.stderr and str(workflow["adapted"]) in proc.stderr
+    message = one_line_error(proc)
+    assert "already holds PEMMA adapters" in message and str(workflow["adapted"]) in message
 
 
 def test_continual_trainer_refuses_a_plain_ct_checkpoint(workflow: dict) -> None:
     proc = run_cli(["nnUNetv2_train", "503", CONFIG, "1", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
                     "-pretrained_weights", str(workflow["base"])], workflow["env"])
-    assert proc.returncode != 0
-    assert "no PEMMA adapters" in proc.stderr
+    assert "no PEMMA adapters" in one_line_error(proc)
 
 
 def test_pemma_trainer_without_pretrained_weights_fails_clearly(workflow: dict) -> None:
     proc = run_cli(["nnUNetv2_train", "502", CONFIG, "2", "-tr", "PEMMATrainer", "-device", "cpu"],
                    workflow["env"])
-    assert proc.returncode != 0
-    assert "pass -pretrained_weights" in proc.stderr
+    assert "pass -pretrained_weights" in one_line_error(proc)
 
 
 def test_incompatible_base_checkpoint_names_what_differs(workflow: dict, tmp_path: Path) -> None:
@@ -107,9 +106,86 @@ def test_incompatible_base_checkpoint_names_what_differs(workflow: dict, tmp_pat
     torch.save(checkpoint, wrong)
     proc = run_cli(["nnUNetv2_train", "502", CONFIG, "3", "-tr", "PEMMATrainer", "-device", "cpu",
                     "-pretrained_weights", str(wrong)], workflow["env"])
-    assert proc.returncode != 0
-    assert "patch size [48, 48, 48] (checkpoint) vs [32, 32, 32]" in proc.stderr
-    assert "hidden_size 96 (checkpoint) vs 48" in proc.stderr
+    message = one_line_error(proc)
+    assert "patch size [48, 48, 48] (checkpoint) vs [32, 32, 32]" in message
+    assert "hidden_size 96 (checkpoint) vs 48" in message
+
+
+def _base_record(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["init_args"]["pemma_base"]
+
+
+def _adapter_metadata(checkpoint: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint.parent / "adapter_final.safetensors"), framework="pt") as f:
+        return f.metadata()
+
+
+def test_adapted_and_continual_models_record_their_ct_base(workflow: dict, tmp_path: Path) -> None:
+    """PEMMA's checkpoint and adapter, and those of the continual update that started from it, name the CT base
+    the adapters were trained on, so that the continual adapter applies to that base."""
+    from nnunetv2_pemma.adaptation.provenance import base_fingerprint
+
+    base = {"base_fingerprint": base_fingerprint(_weights(workflow["base"])),
+            "base_file": str(workflow["base"].resolve())}
+    for model in ("adapted", "continual"):
+        assert _base_record(workflow[model]) == base, model
+        metadata = _adapter_metadata(workflow[model])
+        assert {k: metadata.get(k) for k in base} == base, model
+    run_ok(["pemma", "apply-adapter", "--base", str(workflow["base"]), "--adapter",
+            str(workflow["continual"].parent / "adapter_final.safetensors"), "--out", str(tmp_path / "merged")],
+           workflow["env"])
+    merged = _weights(tmp_path / "merged" / "fold_0" / "checkpoint_final.pth")
+    continual = _weights(workflow["continual"])
+    assert merged.keys() == continual.keys() and all(torch.equal(merged[k], continual[k]) for k in continual)
+
+
+def test_continual_trainer_refuses_a_checkpoint_whose_base_changed(workflow: dict, tmp_path: Path) -> None:
+    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    key = "vit.blocks.0.attn.out_proj.weight"
+    before = checkpoint["network_weights"][key].clone()
+    checkpoint["network_weights"][key][0, 0] += 1e-6
+    assert not torch.equal(before, checkpoint["network_weights"][key])
+    changed = tmp_path / "changed.pth"
+    torch.save(checkpoint, changed)
+    proc = run_cli(["nnUNetv2_train", "503", CONFIG, "3", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
+                    "-pretrained_weights", str(changed)], workflow["env"])
+    message = one_line_error(proc)
+    assert message.startswith(f"{changed}: its base tensors differ from the CT base it was adapted from "
+                              f"({workflow['base'].resolve()}, fingerprint ")
+
+
+def test_continual_update_of_a_checkpoint_without_record_records_its_own_base(workflow: dict,
+                                                                              tmp_path: Path) -> None:
+    """A PEMMA checkpoint of release 0.2 records no CT base: the continual update records the checkpoint's own
+    base tensors, and the checkpoint itself as their file."""
+    from nnunetv2_pemma.adaptation.provenance import base_fingerprint
+
+    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    del checkpoint["init_args"]["pemma_base"]
+    old = tmp_path / "release_0.2.pth"
+    torch.save(checkpoint, old)
+    run_ok(["nnUNetv2_train", "503", CONFIG, "2", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
+            "-pretrained_weights", str(old)], workflow["env"])
+    updated = workflow["continual"].parent.parent / "fold_2" / "checkpoint_final.pth"
+    assert _base_record(updated) == {"base_fingerprint": base_fingerprint(_weights(workflow["base"])),
+                                     "base_file": str(old.resolve())}
+
+
+def test_resumed_and_validated_runs_keep_the_base_record(workflow: dict) -> None:
+    """The record lives in nnU-Net's init_args, which `--c` restores from the checkpoint and saves again, also in
+    the adapter; `--val` loads it too."""
+    env = workflow["env"]
+    fold5 = workflow["adapted"].parent.parent / "fold_5"
+    fold5.mkdir()
+    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    checkpoint["current_epoch"] = 2  # the last epoch is done: on_train_end writes the final checkpoint at once
+    torch.save(checkpoint, fold5 / "checkpoint_latest.pth")
+    run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--c"], env)
+    assert _base_record(fold5 / "checkpoint_final.pth") == _base_record(workflow["adapted"])
+    assert _adapter_metadata(fold5 / "checkpoint_final.pth")["base_file"] == str(workflow["base"].resolve())
+    run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--val"], env)
 
 
 def _inputs(raw_images: Path, case: str, channels: list[int], folder: Path) -> Path:

@@ -44,6 +44,7 @@ class AdaptingTrainer(UNETRTrainer):
         self._adapted = False
         self._weights_loaded = False
         self._from_ct_base = False
+        self._pretrained: str | None = None
 
     def expected_checkpoint(self, path: str) -> str:
         """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
@@ -55,6 +56,10 @@ class AdaptingTrainer(UNETRTrainer):
 
     def freeze(self, network: nn.Module) -> None:
         """Select the trainable parameters (all by default)."""
+
+    def start_from(self, loaded: nn.Module, path: str) -> None:
+        """Called once with the network nnU-Net loaded `-pretrained_weights` (`path`) into, before it is converted
+        and frozen (nothing by default)."""
 
     def _adapted_network(self) -> nn.Module:
         return type(self).build_network_architecture(self.plans_manager, self.configuration_manager,
@@ -69,6 +74,7 @@ class AdaptingTrainer(UNETRTrainer):
             self._set_pemma(dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(
                 self.pemma, theirs)))
             self._from_ct_base = expect == "ct_base"
+            self._pretrained = pretrained
         super().initialize()
         if self._from_ct_base:
             # what nnU-Net's load_pretrained_weights loads into: the CT network, converted in _adapt
@@ -102,6 +108,8 @@ class AdaptingTrainer(UNETRTrainer):
             if not self._weights_loaded:
                 raise CheckpointError(f"{type(self).__name__} adapts a trained model: pass -pretrained_weights "
                                       f"<.../fold_X/checkpoint_final.pth>")
+            if self._pretrained is not None:
+                self.start_from(unwrap(self.network), self._pretrained)
             self._adapt()
         super().on_train_start()
 

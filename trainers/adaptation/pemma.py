@@ -6,18 +6,22 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, save_adapter
+from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, PEMMA_BASE_KEY, save_adapter
 from nnunetv2_pemma.adaptation.methods import Stage, train_only
+from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, base_fingerprint
 from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_pemma_network
 from nnunetv2_pemma.trainers.adaptation.adapting import AdaptingTrainer, unwrap
+from nnunetv2_pemma.training.checkpoints import load_checkpoint_file
 
 
 class PEMMATrainer(AdaptingTrainer):
     """CT network -> CT+PET: PET tokens, a PET input skip and LoRA on Q/V train; the CT base stays frozen.
 
     Start it with `-pretrained_weights <UNETRTrainer checkpoint_final.pth>`. Next to checkpoint_final.pth it
-    writes the trained weights alone (adapter_final.safetensors).
+    writes the trained weights alone (adapter_final.safetensors). Both record the CT base (its fingerprint and
+    file) in `init_args["pemma_base"]` and the adapter's metadata: an adapter only makes sense on that base.
     """
 
     stage: Stage = "adaptation"
@@ -36,25 +40,47 @@ class PEMMATrainer(AdaptingTrainer):
     def freeze(self, network: nn.Module) -> None:
         train_only(network, self.stage)
 
+    def start_from(self, loaded: nn.Module, path: str) -> None:
+        """Record the loaded CT base in my_init_kwargs, which nnU-Net saves as every checkpoint's init_args and
+        restores on load_checkpoint (so resumed and validated runs keep it)."""
+        self.my_init_kwargs[PEMMA_BASE_KEY] = {FINGERPRINT_KEY: base_fingerprint(loaded.state_dict()),
+                                               BASE_FILE_KEY: str(Path(path).resolve())}
+
     def on_train_end(self):
         super().on_train_end()
         if self.local_rank == 0:
             save_adapter(unwrap(self.network).state_dict(), Path(self.output_folder) / ADAPTER_FILE,
                          trainer_name=type(self).__name__, configuration=self.configuration_name,
                          plans=self.plans_manager.plans, dataset_json=self.dataset_json,
-                         mirroring_axes=self.inference_allowed_mirroring_axes)
+                         mirroring_axes=self.inference_allowed_mirroring_axes,
+                         base_file=self.my_init_kwargs.get(PEMMA_BASE_KEY, {}).get(BASE_FILE_KEY))
 
 
 class PEMMAContinualTrainer(PEMMATrainer):
     """Updates a PEMMA model on a dataset with both or only one modality: only the LoRA matrices train.
 
-    Start it with `-pretrained_weights <PEMMATrainer checkpoint_final.pth>`; a missing modality is zero.
+    Start it with `-pretrained_weights <PEMMATrainer checkpoint_final.pth>`; a missing modality is zero. Its
+    checkpoint and adapter record the CT base that checkpoint records: the base stays frozen throughout.
     """
 
     stage: Stage = "continual"
 
     def expected_checkpoint(self, path: str) -> str:
         return "pemma"
+
+    def start_from(self, loaded: nn.Module, path: str) -> None:
+        """Carry over the CT base record of the PEMMA checkpoint, once its base tensors are checked against it."""
+        fingerprint = base_fingerprint(loaded.state_dict())
+        record = load_checkpoint_file(path)["init_args"].get(PEMMA_BASE_KEY)
+        if record is None:
+            # written by release 0.2, which kept no record: the base is this checkpoint's own base tensors
+            record = {FINGERPRINT_KEY: fingerprint, BASE_FILE_KEY: str(Path(path).resolve())}
+        elif record[FINGERPRINT_KEY] != fingerprint:
+            raise CheckpointError(
+                f"{path}: its base tensors differ from the CT base it was adapted from ({record[BASE_FILE_KEY]}, "
+                f"fingerprint {record[FINGERPRINT_KEY][:12]}...), so its adapters no longer fit them; continue from "
+                f"the checkpoint PEMMATrainer wrote, or adapt that CT base again")
+        self.my_init_kwargs[PEMMA_BASE_KEY] = record
 
 
 class PEMMADoRATrainer(PEMMATrainer):
