@@ -1,6 +1,6 @@
 """What used to convert silently wrong, or block, or linger: real phantom data and float32-rounded headers pass, a
 PET with a zero voxel size does not, hidden files are ignored, suspicious images warn, a second conversion of an id is
-kept off by a lock (a dead one's taken over), and SIGTERM leaves nothing behind."""
+kept off by a lock (a dead one's taken over), and SIGTERM (or Ctrl-C) leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -184,27 +184,34 @@ def test_a_dead_conversions_lock_is_taken_over(tmp_path: Path) -> None:
     assert [p.name for p in raw.iterdir()] == ["Dataset501_Bad"]  # lock released, leftover gone
 
 
-def test_sigterm_while_writing_leaves_nothing(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def many_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~100 phantom cases: a few seconds of writing, time to be interrupted."""
+    out = tmp_path_factory.mktemp("phantom") / "hecktor"
+    write_phantom(out, cases_per_center=15)
+    return out
+
+
+@pytest.mark.parametrize("signum, why", [(signal.SIGTERM, "terminated by signal 15"), (signal.SIGINT, "Ctrl-C")])
+def test_a_signal_while_writing_leaves_nothing(many_cases: Path, tmp_path: Path, signum: int, why: str) -> None:
     """A cluster's job killer sends SIGTERM: the conversion unwinds as on Ctrl-C (temporary folder and lock removed)
     and says so in one line."""
-    data = tmp_path / "hecktor"
-    write_phantom(data, cases_per_center=15)  # ~100 cases: a few seconds of writing
     raw = tmp_path / "raw"
     raw.mkdir()
     with (tmp_path / "stderr.txt").open("w+") as stderr:
-        proc = subprocess.Popen([str(BIN / "pemma"), "convert-hecktor", str(data), "--dataset-id", "603", "--name",
-                                 "Killed"], env={**os.environ, "nnUNet_raw": str(raw)}, stdout=subprocess.DEVNULL,
-                                stderr=stderr)
+        proc = subprocess.Popen([str(BIN / "pemma"), "convert-hecktor", str(many_cases), "--dataset-id", "603",
+                                 "--name", "Killed"], env={**os.environ, "nnUNet_raw": str(raw)},
+                                stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 300
         while not list(raw.glob(".Dataset603_Killed.tmp-*")):
             assert proc.poll() is None, "the conversion ended before it was writing"
             assert time.monotonic() < deadline, "the conversion never started writing"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         assert proc.wait(timeout=120) == 2
         stderr.seek(0)
         err = stderr.read()
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1] == ("pemma convert-hecktor: error: interrupted (terminated by signal 15); "
-                                            "the unfinished dataset and its lock were removed")
+    assert err.strip().splitlines()[-1] == (f"pemma convert-hecktor: error: interrupted ({why}); the unfinished "
+                                            f"dataset and its lock were removed")
     assert list(raw.iterdir()) == []
