@@ -160,6 +160,14 @@ def test_a_running_conversion_keeps_a_second_one_off_its_id(tmp_path: Path) -> N
     assert list(lock.parent.iterdir()) == [lock] and lock.read_text() == f"{os.getpid()}\n"
 
 
+def test_an_unwritable_nnunet_raw_is_one_error(tmp_path: Path) -> None:
+    root = write_hecktor_2022(tmp_path / "in", ["CHUM-001"])
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InputDataError, match=re.escape(f"cannot create lock file {tmp_path / 'file' / 'raw'}/"
+                                                       f".Dataset617.lock (NotADirectoryError: Not a directory)")):
+        convert_hecktor(root, dataset_id=617, name="X", raw_root=tmp_path / "file" / "raw")
+
+
 def _dead_pid() -> int:
     """The id of a process that has exited (and been reaped)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -151,9 +151,13 @@ def _write_atomically(final_dir: Path, good: list[CaseFiles], records: dict[str,
 def _dataset_lock(raw_root: Path, dataset_id: int) -> Iterator[Path]:
     """Hold `.DatasetNNN.lock` in nnUNet_raw while converting: two conversions to one id would race for it (and may
     name their folders differently, leaving nnU-Net two datasets with one id). Always released."""
-    raw_root.mkdir(parents=True, exist_ok=True)
     lock = raw_root / f".Dataset{dataset_id:03d}.lock"
-    _acquire(lock, dataset_id)
+    try:
+        raw_root.mkdir(parents=True, exist_ok=True)
+        _acquire(lock, dataset_id)
+    except OSError as e:  # not FileExistsError: _acquire handles that
+        raise InputDataError(f"cannot create lock file {lock} ({type(e).__name__}: {e.strerror}); nnUNet_raw must "
+                             f"be a writable folder") from None
     try:
         yield lock
     finally:
