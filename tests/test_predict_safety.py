@@ -62,9 +62,13 @@ def test_existing_predictions_are_kept_unless_overwrite(workflow: dict, tmp_path
     assert previous.read_bytes()[:2] == b"\x1f\x8b"  # now nnU-Net's gzipped NIfTI
 
 
-def test_a_pemma_checkpoint_on_another_base_is_refused(workflow: dict, tmp_path: Path) -> None:
+def test_a_pemma_checkpoint_on_another_base_is_refused(workflow: dict, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint records the fingerprint of the CT base its adapters were trained on; a model folder whose base
     tensors were changed afterwards (weights copied in by hand) no longer matches it."""
+    for name, value in workflow["env"].items():
+        if name.startswith("nnUNet_"):  # nnU-Net finds the trainer class through nnUNet_extTrainer
+            monkeypatch.setenv(name, value)
     folder = tmp_path / "model"
     shutil.copytree(workflow["adapted"].parent.parent, folder)
     path = folder / "fold_0" / "checkpoint_final.pth"
