@@ -321,12 +321,20 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_sigterm_while_staging_leaves_nothing(workflow: dict, tmp_path: Path) -> None:
-    """A job killer's SIGTERM after nnU-Net validated the staged folder, before it is moved into place."""
+@pytest.mark.parametrize("existing", [False, True])
+def test_sigterm_while_staging_leaves_nothing(workflow: dict, tmp_path: Path, existing: bool) -> None:
+    """A job killer's SIGTERM after nnU-Net validated the staged folder, before it replaces --out: no staging
+    folder is left, and --out is as it was (absent, or with --overwrite its old files)."""
     out = tmp_path / "out" / "merged"
+    out.parent.mkdir()
+    if existing:
+        (out / "fold_0").mkdir(parents=True)
+        (out / "fold_0" / "checkpoint_best.pth").write_bytes(b"old best")
+    old = files_in(out)  # {} when absent
     proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_STAGING, "apply-adapter", "--base",
-                           str(workflow["base"]), "--adapter", str(adapter_of(workflow)), "--out", str(out)],
-                          env=workflow["env"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "KeyboardInterrupt: terminated by signal 15" in proc.stderr, proc.stderr
-    assert_nothing_written(out)
-    assert list(out.parent.iterdir()) == []
+                           str(workflow["base"]), "--adapter", str(adapter_of(workflow)), "--out", str(out),
+                           "--overwrite"], env=workflow["env"], capture_output=True, text=True, timeout=600)
+    line = one_line(proc, ERROR)
+    assert line == f"{ERROR}interrupted (terminated by signal 15); model folder {out} left as it was"
+    assert [p.name for p in out.parent.iterdir()] == (["merged"] if existing else [])
+    assert files_in(out) == old
