@@ -17,6 +17,7 @@ from nnunetv2_pemma.errors import InputDataError, PemmaError
 NNUNET_ENTRY_POINTS = ("__init__", "initialize", "load_checkpoint", "run_training", "perform_actual_validation")
 
 ERROR_PREFIX = "nnUNetv2_train: error: "
+NNUNET_FOLDS = 5  # nnUNetTrainer.do_split: generate_crossval_split(..., n_splits=5)
 
 
 def run_by_nnunetv2_train() -> bool:
@@ -59,18 +60,19 @@ class OneLineErrors:
 
 class FewCasesNeedFoldAll:
     """nnU-Net's own 5-fold split fails inside scikit-learn on fewer than 5 cases ("Cannot have number of splits
-    n_splits=5 greater than the number of samples"); say what to do instead."""
+    n_splits=5 greater than the number of samples"); say what to do instead. (A splits_final.json, which
+    convert-hecktor writes from 5 cases on, is used as it is.)"""
 
-    def do_split(self):
+    def do_split(self) -> tuple[list[str], list[str]]:
         if self.fold != "all" and not isfile(join(self.preprocessed_dataset_folder_base, "splits_final.json")):
             if self.dataset_class is None:
                 self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
             cases = len(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-            if cases < 5:
+            if cases < NNUNET_FOLDS:
                 dataset = self.plans_manager.dataset_name
                 raise InputDataError(
-                    f"{dataset} has {cases} training case(s), too few for nnU-Net's 5-fold cross-validation (and "
-                    f"there is no splits_final.json in {self.preprocessed_dataset_folder_base}): train on all cases "
-                    f"with fold `all` (nnUNetv2_train {dataset} {self.configuration_name} all -tr "
-                    f"{type(self).__name__} ...) or add cases")
+                    f"{dataset} has {cases} training case(s), too few for nnU-Net's {NNUNET_FOLDS}-fold "
+                    f"cross-validation (and there is no splits_final.json in {self.preprocessed_dataset_folder_base}): "
+                    f"train on all cases with fold `all` (nnUNetv2_train {dataset} {self.configuration_name} all "
+                    f"-tr {type(self).__name__} ...) or add cases")
         return super().do_split()
