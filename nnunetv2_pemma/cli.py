@@ -26,23 +26,28 @@ def _phantom(args: argparse.Namespace) -> None:
 def _convert_hecktor(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.data.hecktor import convert_hecktor
 
-    report = convert_hecktor(Path(args.input), dataset_id=args.dataset_id, name=args.name, centers=args.centers,
-                             modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
-                             edition=args.edition, skip_bad=args.skip_bad)
+    try:
+        report = convert_hecktor(Path(args.input), dataset_id=args.dataset_id, name=args.name, centers=args.centers,
+                                 modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
+                                 edition=args.edition, skip_bad=args.skip_bad)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the library turns it into KeyboardInterrupt)
+        why = str(e) or "Ctrl-C"
+        raise PemmaError(f"interrupted ({why}); the unfinished dataset and its lock were removed") from None
     print(report)
 
 
 def _plans_add(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.plans import add_preset
 
-    print(add_preset(args.dataset, args.preset, plans_identifier=args.plans, num_processes=args.np))
+    print(add_preset(args.dataset, args.preset, plans_identifier=args.plans, num_processes=args.np,
+                     overwrite=args.overwrite))
 
 
 def _plans_transfer(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.plans import transfer_plans
 
     print(transfer_plans(args.source, args.target, args.preset, plans_identifier=args.plans,
-                         preprocess=not args.no_preprocess, num_processes=args.np))
+                         preprocess=not args.no_preprocess, num_processes=args.np, overwrite=args.overwrite))
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -52,7 +57,7 @@ def _predict(args: argparse.Namespace) -> None:
     written = predict(Path(args.i), Path(args.o), args.d, args.c, args.tr, folds, modalities=args.modalities,
                       plans_identifier=args.p, checkpoint_name=args.chk, device=args.device,
                       tta=not args.disable_tta, crop_records=Path(args.crop_records) if args.crop_records else None,
-                      missing_modality=args.missing_modality, num_processes=args.np)
+                      missing_modality=args.missing_modality, num_processes=args.np, overwrite=args.overwrite)
     print(f"{len(written)} predictions in {args.o}")
 
 
@@ -63,14 +68,19 @@ def _predict_late_fusion(args: argparse.Namespace) -> None:
     ct = ModelRef(*args.ct_model, folds=folds) if args.ct_model else None
     pet = ModelRef(*args.pet_model, folds=folds) if args.pet_model else None
     written = predict_late_fusion(Path(args.i), Path(args.o), args.modalities, ct, pet, w_ct=args.w_ct,
-                                  device=args.device, tta=not args.disable_tta)
+                                  device=args.device, tta=not args.disable_tta, overwrite=args.overwrite)
     print(f"{len(written)} late-fusion predictions in {args.o}")
 
 
 def _apply_adapter(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.adaptation.files import apply_adapter
 
-    print(apply_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold))
+    try:
+        written = apply_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold,
+                                force=args.force, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while writing (the library turns it into KeyboardInterrupt)
+        raise PemmaError(f"interrupted ({str(e) or 'Ctrl-C'}); model folder {args.out} left as it was") from None
+    print(written)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
@@ -134,9 +144,11 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert-hecktor", help="convert a HECKTOR 2022/2021 folder to an nnU-Net raw dataset",
-                       description="Validate every case, resample PET onto the CT grid (physical coordinates), "
-                                   "optionally crop the head and neck, and write $nnUNet_raw/DatasetNNN_NAME "
-                                   "atomically.")
+                       description="Validate every case (each file decoded whole by SimpleITK and nibabel, which "
+                                   "must agree; header geometry; label values), resample PET onto the CT grid "
+                                   "(physical coordinates), optionally crop the head and neck, and write "
+                                   "$nnUNet_raw/DatasetNNN_NAME atomically: nothing on an error, Ctrl-C or SIGTERM. "
+                                   "A lock file, .DatasetNNN.lock, keeps a second conversion off the same id.")
     p.add_argument("input", help="HECKTOR folder (2022: imagesTr/, labelsTr/; 2021: flat files + bbox CSV)")
     p.add_argument("--dataset-id", type=int, required=True)
     p.add_argument("--name", required=True, help="dataset name, e.g. HNC_CT")
@@ -159,6 +171,8 @@ def _add_plans(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--preset", required=True, help="preset name in plans/ (paper, tiny) or a JSON file")
     add.add_argument("--plans", default="nnUNetPlans", help="plans identifier")
     add.add_argument("--np", type=int, default=1, help="preprocessing processes (datasets with PET only)")
+    add.add_argument("--overwrite", action="store_true",
+                     help="replace a configuration of the preset's name that differs from the preset")
     add.set_defaults(func=_plans_add)
     tr = psub.add_parser("transfer", help="give TARGET the SOURCE configuration (spacing, patch, CT statistics) "
                                           "plus TARGET's own PET statistics, then preprocess TARGET")
@@ -168,6 +182,7 @@ def _add_plans(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--plans", default="nnUNetPlans", help="plans identifier")
     tr.add_argument("--np", type=int, default=1, help="preprocessing processes")
     tr.add_argument("--no-preprocess", action="store_true", help="write the plans only")
+    tr.add_argument("--overwrite", action="store_true", help="replace plans transferred from another source")
     tr.set_defaults(func=_plans_transfer)
 
 
@@ -194,6 +209,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="how a PEMMA model fills an absent modality (default: as trained; the paper: zero)")
     p.add_argument("--crop-records", default=None,
                    help="pemma_crops.json (or the converted raw dataset folder holding it) of the input cases")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already in the output folder")
     p.set_defaults(func=_predict)
 
 
@@ -211,6 +227,7 @@ def _add_predict_late_fusion(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", nargs="+", default=["0"], help="folds of both models")
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
     p.add_argument("--disable_tta", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already in the output folder")
     p.set_defaults(func=_predict_late_fusion)
 
 
@@ -220,6 +237,9 @@ def _add_apply_adapter(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", required=True, help="adapter_final.safetensors written next to a PEMMA checkpoint")
     p.add_argument("--out", required=True, help="model folder to write (plans.json, dataset.json, fold_F/)")
     p.add_argument("--fold", default=0, type=lambda f: f if f == "all" else int(f))
+    p.add_argument("--force", action="store_true",
+                   help="apply the adapter although --base is not the CT base it was trained on (a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder as a whole")
     p.set_defaults(func=_apply_adapter)
 
 

@@ -48,5 +48,9 @@ def replace_folder(staged: Path, target: Path, overwrite: bool, what: str) -> No
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     target.rename(old)
-    staged.rename(target)
+    try:
+        staged.rename(target)
+    except BaseException:  # e.g. a SIGTERM between the two renames: put the old folder back
+        old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)

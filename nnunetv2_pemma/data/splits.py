@@ -48,7 +48,7 @@ def write_splits_to_preprocessed(raw_dataset_dir: Path, preprocessed_dataset_dir
     function, which keeps a splits file already there if its folds agree with the raw ones.
 
     Returns the preprocessed splits file, or None when the dataset has no splits file (fewer than five training
-    cases: nnU-Net then makes its own).
+    cases, too few for five folds: our trainers then say to train fold `all`).
     """
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import _maybe_copy_splits_file
 
