@@ -18,12 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nnunetv2_pemma.adaptation.methods import is_added
-from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, base_fingerprint
+from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
 from nnunetv2_pemma.errors import CheckpointError, PemmaError, warn
 from nnunetv2_pemma.filesystem import replace_folder, sigterm_as_interrupt
 
 ADAPTER_FILE = "adapter_final.safetensors"
-PEMMA_BASE_KEY = "pemma_base"  # checkpoint["init_args"][PEMMA_BASE_KEY]: {FINGERPRINT_KEY: ..., BASE_FILE_KEY: ...}
 _SHOWN = 12  # hex digits of a fingerprint shown in messages
 
 

@@ -16,7 +16,8 @@ import torch
 
 from nnunetv2_pemma.adaptation.methods import is_added
 
-FINGERPRINT_KEY = "base_fingerprint"  # adapter metadata and the "pemma_base" record of PEMMA checkpoints
+PEMMA_BASE_KEY = "pemma_base"  # checkpoint["init_args"][PEMMA_BASE_KEY]: {FINGERPRINT_KEY: ..., BASE_FILE_KEY: ...}
+FINGERPRINT_KEY = "base_fingerprint"  # in that record and in adapter metadata
 BASE_FILE_KEY = "base_file"
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, base_fingerprint
+from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
 from nnunetv2_pemma.errors import CheckpointError, PlansError
 from nnunetv2_pemma.inference.inputs import input_cases, refuse_existing_predictions
 from nnunetv2_pemma.inference.modalities import plans_for_modalities
@@ -67,7 +67,7 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
 def _check_base(checkpoint: Path, init_args: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
     """A PEMMA checkpoint whose frozen base is not the CT base its adapters were trained on (weights edited or
     copied in by hand) gives a silently different model: refuse it."""
-    record = init_args.get("pemma_base")
+    record = init_args.get(PEMMA_BASE_KEY)
     if record and base_fingerprint(weights) != record[FINGERPRINT_KEY]:
         raise CheckpointError(f"{checkpoint}: its base tensors differ from the CT base its adapters were trained on "
                               f"({record.get(BASE_FILE_KEY)}); rebuild it with `pemma apply-adapter` from that base")

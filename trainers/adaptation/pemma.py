@@ -6,9 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, PEMMA_BASE_KEY, save_adapter
+from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, save_adapter
 from nnunetv2_pemma.adaptation.methods import Stage, train_only
-from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, base_fingerprint
+from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
 from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_pemma_network
