@@ -325,7 +325,8 @@ def test_sigterm_while_staging_leaves_nothing(workflow: dict, tmp_path: Path, ex
     old = files_in(out)  # {} when absent
     proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_STAGING, "apply-adapter", "--base",
                            str(workflow["base"]), "--adapter", str(adapter_of(workflow)), "--out", str(out),
-                           "--overwrite"], env=workflow["env"], capture_output=True, text=True, timeout=600)
+                           "--overwrite"], env=workflow["env"], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)  # not the repository root: `-c` would import the source tree
     line = one_line(proc, ERROR)
     assert line == f"{ERROR}interrupted (terminated by signal 15); model folder {out} left as it was"
     assert [p.name for p in out.parent.iterdir()] == (["merged"] if existing else [])

@@ -26,10 +26,11 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return errors[0].removeprefix(PREFIX)
 
 
-def _run_as_nnunetv2_train(body: str) -> subprocess.CompletedProcess:
-    """Run `body` in a process whose main module is nnU-Net's training command, as its console script is."""
+def _run_as_nnunetv2_train(body: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run `body` in a process whose main module is nnU-Net's training command, as its console script is (not
+    from the repository root, where `-c` would import the source tree instead of the installed package)."""
     script = "from nnunetv2.run.run_training import run_training_entry\n" + body
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
 TRAINER = """
@@ -43,14 +44,15 @@ Trainer().initialize()
 """
 
 
-def test_a_pemma_error_is_one_line_and_exit_code_2() -> None:
-    proc = _run_as_nnunetv2_train(TRAINER.format(error='PlansError("configuration X holds no PEMMA preset")'))
+def test_a_pemma_error_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    proc = _run_as_nnunetv2_train(TRAINER.format(error='PlansError("configuration X holds no PEMMA preset")'),
+                                  tmp_path)
     assert proc.stderr == PREFIX + "configuration X holds no PEMMA preset\n"
     assert proc.returncode == 2
 
 
-def test_a_bug_keeps_its_traceback() -> None:
-    proc = _run_as_nnunetv2_train(TRAINER.format(error='KeyError("plans")'))
+def test_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
+    proc = _run_as_nnunetv2_train(TRAINER.format(error='KeyError("plans")'), tmp_path)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError: 'plans'" in proc.stderr
     assert PREFIX not in proc.stderr
 
