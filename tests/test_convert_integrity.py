@@ -209,7 +209,9 @@ def test_a_signal_while_writing_leaves_nothing(many_cases: Path, tmp_path: Path,
     with (tmp_path / "stderr.txt").open("w+") as stderr:
         proc = subprocess.Popen([str(BIN / "pemma"), "convert-hecktor", str(many_cases), "--dataset-id", "603",
                                  "--name", "Killed"], env={**os.environ, "nnUNet_raw": str(raw)},
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                # a shell's background job ignores SIGINT, and Python then keeps ignoring it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not list(raw.glob(".Dataset603_Killed.tmp-*")):
             assert proc.poll() is None, "the conversion ended before it was writing"
