@@ -8,7 +8,9 @@ session's real nnU-Net trainings (conftest's `workflow`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import changed_keys, run_cli, train_step, weights
+from conftest import changed_keys, train_step, weights
 from networks_helpers import TINY_PRESETS, Tiny, perturb
 from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, read_adapter, save_adapter
 from nnunetv2_pemma.adaptation.methods import is_added, train_only
@@ -144,8 +146,17 @@ def adapter_of(workflow: dict) -> Path:
 
 
 def apply(workflow: dict, base: Path, adapter: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return run_cli(["pemma", "apply-adapter", "--base", str(base), "--adapter", str(adapter), "--out", str(out),
-                    *flags], workflow["env"])
+    """`pemma apply-adapter` through the CLI's main in this process, with the workflow's nnU-Net folders (a
+    process per call would mostly time torch's import)."""
+    args = ["apply-adapter", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *flags]
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in workflow["env"].items():
+            if name.startswith("nnUNet_"):  # nnU-Net finds the trainer class through nnUNet_extTrainer
+                patch.setenv(name, value)
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            code = main(args)
+    return subprocess.CompletedProcess(["pemma", *args], code, "", stderr.getvalue())
 
 
 def one_line(proc: subprocess.CompletedProcess, prefix: str) -> str:

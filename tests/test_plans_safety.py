@@ -63,7 +63,7 @@ def test_plans_transfer_from_another_source_needs_overwrite(workflow: dict) -> N
 
 def test_all_zero_pets_warn_of_a_degenerate_pet_window(tmp_path: Path) -> None:
     env = nnunet_environment(tmp_path)
-    run_ok(["pemma", "phantom", str(tmp_path / "hecktor"), "--cases-per-center", "5"], env)
+    run_ok(["pemma", "phantom", str(tmp_path / "hecktor"), "--cases-per-center", "2"], env)
     run_ok(["pemma", "convert-hecktor", str(tmp_path / "hecktor"), "--dataset-id", "604", "--name", "NoPET",
             "--centers", "MDA", "--modalities", "CT", "PET"], env)
     for pet in (Path(env["nnUNet_raw"]) / "Dataset604_NoPET" / "imagesTr").glob("*_0001.nii.gz"):
