@@ -532,12 +532,20 @@ def _pet(case: Case, rng: np.random.Generator) -> sitk.Image:
 BASELINE_HAZARD_PER_DAY = 1.0 / (4 * 365.0)
 FOLLOW_UP_DAYS = (365.0, 5 * 365.0)  # administrative censoring: uniform follow-up
 RISK_LOG_VOLUME, RISK_LOG_SUV, RISK_PER_NODE, RISK_HPV_POSITIVE = 1.8, 0.8, 0.35, -0.6
+RISK_PER_YEAR_OVER_60 = 0.04
 
 
 def _patient_record(case: Case, gtvp_ml: float, size: PhantomSize,
                     rng: np.random.Generator) -> tuple[dict[str, object], dict[str, object]]:
-    """HECKTOR-like clinical row (with missing values) and relapse-free survival drawn from a proportional-hazards
-    model: larger and hotter GTVp, more nodes and HPV-negative disease relapse earlier."""
+    """HECKTOR-like clinical row (with missing values) and relapse-free survival from a proportional-hazards model.
+
+    The time to relapse is exponential with hazard BASELINE_HAZARD_PER_DAY * exp(risk), where
+        risk = 1.8 log(V / V_ref) + 0.8 log(SUV / 10) + 0.35 nodes - 0.6 HPV+ + 0.04 (age - 60),
+    V the GTVp volume in the label (V_ref: a sphere of the size's mean GTVp radius), SUV the GTVp's uptake in the
+    model (drawn independently of its shape, size and HU: what PET shows beyond CT), nodes the number of GTVn, HPV+
+    the true HPV status (the table leaves 30 % of it blank) and age the table's Age. Follow-up is uniform over
+    FOLLOW_UP_DAYS (administrative censoring): RFS = min(relapse, follow-up), Relapse = relapse within follow-up.
+    """
     def maybe_missing(value: object, p_missing: float) -> object:
         return pd.NA if rng.random() < p_missing else value
 
@@ -557,7 +565,8 @@ def _patient_record(case: Case, gtvp_ml: float, size: PhantomSize,
     reference_ml = 4.0 / 3.0 * math.pi * (sum(size.gtvp_radius_mm) / 2) ** 3 / 1000.0
     risk = (RISK_LOG_VOLUME * math.log(max(gtvp_ml, 1e-3) / reference_ml)
             + RISK_LOG_SUV * math.log(case.anatomy.gtvp_suv / 10.0)
-            + RISK_PER_NODE * len(case.anatomy.nodes) + RISK_HPV_POSITIVE * hpv_positive)
+            + RISK_PER_NODE * len(case.anatomy.nodes) + RISK_HPV_POSITIVE * hpv_positive
+            + RISK_PER_YEAR_OVER_60 * (row["Age"] - 60))
     relapse_day = rng.exponential(1.0 / (BASELINE_HAZARD_PER_DAY * math.exp(risk)))
     follow_up = rng.uniform(*FOLLOW_UP_DAYS)
     outcome = {"PatientID": case.case_id, "Relapse": int(relapse_day <= follow_up),
