@@ -8,7 +8,8 @@ Input layouts
 
 Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr (uint8),
 imagesTs when present, dataset.json (nnU-Net's own generator, plus a "pemma" block), pemma_crops.json (crop
-records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`).
+records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`); with `with_outcomes`
+(2022 only) also outcomes.json, the validated clinical and endpoint tables (see `outcomes`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
 PET is resampled onto the (cropped) CT grid through physical coordinates and stays in SUV on purpose: the PET
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 from nnunetv2_pemma.data.centers import KNOWN_CENTERS, LABELS_2021, LABELS_2022, center_of
 from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, resample_pet_to
+from nnunetv2_pemma.data.outcomes import OUTCOMES_FILE, Outcomes, read_hecktor_tables, write_outcomes
 from nnunetv2_pemma.data.splits import N_FOLDS, make_center_splits, save_splits
 from nnunetv2_pemma.data.validation import CaseCheck, CaseFiles, check_case
 from nnunetv2_pemma.errors import InputDataError, warn
@@ -71,6 +74,7 @@ class ConversionReport:
     splits_file: Path | None
     skipped: dict[str, str]
     ignored_files: dict[str, str]  # file (relative to the input folder) -> why (UNEXPECTED_NAME or HIDDEN)
+    outcomes: Outcomes | None = None  # what outcomes.json holds (--with-outcomes), else None
 
     def __str__(self) -> str:
         lines = [f"wrote {self.dataset_dir}",
@@ -87,22 +91,37 @@ class ConversionReport:
         if self.skipped:
             lines.append(f"  skipped {len(self.skipped)} bad case(s):")
             lines += [f"    {case}: {reason}" for case, reason in sorted(self.skipped.items())]
+        if self.outcomes is not None:
+            lines.append(self._describe_outcomes(self.outcomes))
         for why in dict.fromkeys(self.ignored_files.values()):
             files = [f for f, w in self.ignored_files.items() if w == why]
             lines.append(f"  ignored {len(files)} file(s) {why}: {', '.join(files)}")
         return "\n".join(lines)
 
+    @staticmethod
+    def _describe_outcomes(outcomes: Outcomes) -> str:
+        cases = outcomes.cases.values()
+        endpoints = [c.relapse for c in cases if c.relapse is not None]
+        return (f"  outcomes: {sum(c.clinical is not None for c in cases)} of {len(cases)} cases with a clinical row, "
+                f"{len(endpoints)} with an endpoint ({sum(endpoints)} relapses), in {OUTCOMES_FILE}")
+
 
 def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequence[str] | None = None,
                     modalities: Sequence[str] = ("CT", "PET"), crop: str = "headneck",
                     crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0), edition: int = 2022,
-                    skip_bad: bool = False, raw_root: Path | None = None) -> ConversionReport:
+                    skip_bad: bool = False, raw_root: Path | None = None,
+                    with_outcomes: bool = False) -> ConversionReport:
     """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing).
 
-    Suspicious but convertible cases (an all-zero PET, a constant CT) are reported as PemmaWarnings.
+    with_outcomes: also validate HECKTOR 2022's clinical and endpoint tables (before any image is read) and write
+    them as outcomes.json, for prognosis. Suspicious but convertible cases (an all-zero PET, a constant CT) are
+    reported as PemmaWarnings.
     """
     input_dir = Path(input_dir)
     modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
+    if with_outcomes and edition != 2022:
+        raise InputDataError(f"--with-outcomes reads HECKTOR 2022's clinical and endpoint tables; it does not work "
+                             f"with edition {edition}")
     raw_root = _raw_root(raw_root)
     final_dir = raw_root / f"Dataset{dataset_id:03d}_{name}"
     if not input_dir.is_dir():
@@ -112,6 +131,7 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     else:
         cases, ignored = discover_2021(input_dir, with_bbox=crop == "headneck")
     cases = _select_centers(cases, centers, input_dir)
+    outcomes = _read_outcomes(input_dir, cases, centers) if with_outcomes else None
     labels = LABELS_2022 if edition == 2022 else LABELS_2021
     with sigterm_as_interrupt(), _dataset_lock(raw_root, dataset_id):
         _check_target(raw_root, final_dir, dataset_id)  # under the lock: no other conversion can add the id now
@@ -123,21 +143,33 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
         pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop, "crop_size_mm": size_mm,
                        "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
                        "source": str(input_dir), "skipped": bad}
+        if outcomes is not None:  # the good cases only: --skip-bad may have left some out
+            outcomes = dataclasses.replace(outcomes, cases={c.case_id: outcomes.cases[c.case_id] for c in good})
+            pemma_block["outcomes"] = OUTCOMES_FILE
         splits_file = _write_atomically(final_dir, good, {cid: check.record for cid, check in checks.items()},
-                                        modalities, labels, pemma_block)
+                                        modalities, labels, pemma_block, outcomes)
     return ConversionReport(final_dir, dataset_id, list(modalities), [c.case_id for c in good if c.split == "train"],
                             [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
                             _describe_crop(crop, crop_size_mm, edition),
-                            final_dir / splits_file.name if splits_file else None, bad, ignored)
+                            final_dir / splits_file.name if splits_file else None, bad, ignored, outcomes)
+
+
+def _read_outcomes(input_dir: Path, cases: list[CaseFiles], centers: Sequence[str] | None) -> Outcomes:
+    """The validated tables for the selected cases (bad ones too: their rows are no strangers); rows of the centres
+    --centers left out are not checked against the cases."""
+    left_out = KNOWN_CENTERS - set(centers) if centers is not None else frozenset()
+    return read_hecktor_tables(input_dir, {case.case_id: case.center for case in cases}, left_out)
 
 
 def _write_atomically(final_dir: Path, good: list[CaseFiles], records: dict[str, dict], modalities: list[str],
-                      labels: dict[str, int], pemma_block: dict) -> Path | None:
+                      labels: dict[str, int], pemma_block: dict, outcomes: Outcomes | None) -> Path | None:
     """Write the dataset into a hidden folder next to `final_dir` and rename it into place; remove it on any failure
     (Ctrl-C and, within `sigterm_as_interrupt`, SIGTERM included)."""
     tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}"
     try:
         splits_file = _write_dataset(tmp_dir, good, records, modalities, labels, pemma_block, final_dir.name)
+        if outcomes is not None:
+            write_outcomes(tmp_dir, outcomes)
         if final_dir.exists():
             raise InputDataError(f"output folder {final_dir} appeared while converting; nothing was written")
         tmp_dir.rename(final_dir)
