@@ -27,6 +27,8 @@ PET_INITS = ("random", "zero", "cross")
 MISSING_MODALITY_MODES = ("zero", "drop")
 OPTIMIZERS = ("AdamW",)
 LR_SCHEDULES = ("constant", "poly")
+TIES_METHODS = ("efron", "breslow")  # torchsurv's Cox partial likelihood with tied times
+SURVIVAL_SECTION = "survival"
 
 
 def _fields_of(cls: type, section: Any, name: str) -> dict[str, Any]:
@@ -116,6 +118,30 @@ class Schedule:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Survival:
+    """The preset's optional ``survival`` section, read by the prognosis trainers: the Cox loss's weight next to
+    nnU-Net's segmentation loss (the two train jointly) and how tied relapse times are handled."""
+
+    loss_weight: float = 0.1
+    ties: str = "efron"
+
+    @classmethod
+    def parse(cls, section: Any) -> "Survival":
+        kwargs = _fields_of(cls, section, SURVIVAL_SECTION)
+        weight = kwargs.get("loss_weight", cls.loss_weight)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"survival loss_weight must be a positive number, got {weight!r}")
+        if kwargs.get("ties", cls.ties) not in TIES_METHODS:
+            raise ValueError(f"survival ties must be one of {list(TIES_METHODS)}, got {kwargs['ties']!r}")
+        return cls(**kwargs)
+
+
+def _survival(raw: Mapping[str, Any]) -> Survival:
+    section = raw.get(SURVIVAL_SECTION)
+    return Survival() if section is None else Survival.parse(section)
+
+
 def _augmentation(raw: Mapping[str, Any]) -> AugmentationChoice:
     section = raw.get(AUGMENTATION_SECTION)
     return AugmentationChoice() if section is None else AugmentationChoice.parse(section)
@@ -135,6 +161,7 @@ class Preset:
     adaptation: Adaptation
     schedule: Schedule
     augmentation: AugmentationChoice
+    survival: Survival = Survival()
     description: str = ""
 
     @classmethod
@@ -154,13 +181,13 @@ class Preset:
                        inherits_from=raw.get("inherits_from", "3d_fullres"), patch_size=patch,
                        batch_size=raw["batch_size"], model=model, adaptation=Adaptation.parse(raw["adaptation"]),
                        schedule=Schedule.parse(raw["schedule"]), augmentation=_augmentation(raw),
-                       description=raw.get("description", ""))
+                       survival=_survival(raw), description=raw.get("description", ""))
         except (ValueError, TypeError) as e:
             raise PlansError(f"{where}: {e}") from None
 
     def block(self, input_modalities: tuple[str, ...]) -> "PemmaBlock":
         return PemmaBlock(self.name, self.model, self.adaptation, self.schedule, self.augmentation,
-                          input_modalities)
+                          input_modalities, survival=self.survival)
 
 
 @dataclass(frozen=True)
@@ -175,6 +202,7 @@ class PemmaBlock:
     augmentation: AugmentationChoice
     input_modalities: tuple[str, ...]
     modality_normalization: dict[str, Any] = field(default_factory=dict)
+    survival: Survival = Survival()
 
     @classmethod
     def parse(cls, block: Any, where: str) -> "PemmaBlock":
@@ -185,7 +213,8 @@ class PemmaBlock:
             return cls(preset=block["preset"], model=parse_model(block["model"]),
                        adaptation=Adaptation.parse(block["adaptation"]), schedule=Schedule.parse(block["schedule"]),
                        augmentation=_augmentation(block), input_modalities=modalities,
-                       modality_normalization=dict(block.get("modality_normalization", {})))
+                       modality_normalization=dict(block.get("modality_normalization", {})),
+                       survival=_survival(block))
         except (KeyError, ValueError, TypeError) as e:
             raise PlansError(f"{where}: the 'pemma' block is not valid ({type(e).__name__}: {e})") from None
 
@@ -207,4 +236,6 @@ class PemmaBlock:
             out[AUGMENTATION_SECTION] = dataclasses.asdict(self.augmentation)
         if self.modality_normalization:
             out["modality_normalization"] = self.modality_normalization
+        if self.survival != Survival():
+            out[SURVIVAL_SECTION] = dataclasses.asdict(self.survival)
         return out

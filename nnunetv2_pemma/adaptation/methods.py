@@ -5,7 +5,8 @@ parameter names never change inside an adapted network. Freezing, adapter files,
 loading all read this declaration through :func:`added_by` / :func:`trainable_in`, so a new method (prior tokens,
 mixtures of adapters) joins with one :func:`register` call and no edit elsewhere.
 
-Stages: "adaptation" (CT base -> CT+PET, the base frozen) and "continual" (updates on new data, any modality).
+Stages: "adaptation" (CT base -> CT+PET, the base frozen), "continual" (updates on new data, any modality) and
+"clinical" (a CT+PET prognosis model -> CT+PET+clinical: the clinical token and the qkv adapters train).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import nn
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 from nnunetv2_pemma.errors import PlansError
 
-Stage = Literal["adaptation", "continual"]
-STAGES: tuple[Stage, ...] = ("adaptation", "continual")
+Stage = Literal["adaptation", "continual", "clinical"]
+STAGES: tuple[Stage, ...] = ("adaptation", "continual", "clinical")
 
 QKVWrapper = Callable[[nn.Linear, int, float], nn.Module]
 
@@ -61,8 +62,11 @@ def _lora(use_dora: bool) -> QKVWrapper:
 
 
 MODALITY_SLOTS = register(AdapterMethod(
-    "modality_slots", prefixes=("pet_",), trains={"adaptation": ("pet_",), "continual": ()}))
+    "modality_slots", prefixes=("pet_",), trains={"adaptation": ("pet_",)}))
 """PEMMA's PET branch: PET patch embedding, PET input skip, its weight beta (and Swin's fusion conv)."""
+
+CLINICAL_SLOT = register(AdapterMethod("clinical_slot", prefixes=("ehr_",), trains={"clinical": ("ehr_",)}))
+"""The clinical (EHR) token a prognosis model adds in the "clinical" stage: its embedding and position."""
 
 LORA = register(AdapterMethod("lora", prefixes=("lora_",), trains={s: ("lora_",) for s in STAGES},
                               wrap_qkv=_lora(use_dora=False)))

@@ -13,6 +13,7 @@ from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, build_unetr
 from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
 from nnunetv2_pemma.networks.pemma_swin import PEMMASwinUNETR
 from nnunetv2_pemma.networks.pemma_unetr import PEMMAUNETR
+from nnunetv2_pemma.networks.prognosis import SurvivalEarlyFusionUNETR, SurvivalPEMMAUNETR, SurvivalUNETR
 
 _PLAIN = {UNETRSpec: build_unetr, SwinUNETRSpec: build_swin_unetr}
 _PEMMA = {UNETRSpec: PEMMAUNETR, SwinUNETRSpec: PEMMASwinUNETR}
@@ -34,3 +35,29 @@ def build_early_fusion(block: PemmaBlock, num_outputs: int, patch_size: Sequence
     if not isinstance(block.model, UNETRSpec):
         raise PlansError(f"early fusion is implemented for UNETR presets, not {block.model.architecture}")
     return EarlyFusionUNETR(block.model, num_outputs, patch_size, block.input_modalities)
+
+
+def _prognosis_spec(block: PemmaBlock) -> UNETRSpec:
+    if not isinstance(block.model, UNETRSpec):
+        raise PlansError(f"prognosis is implemented for UNETR presets, not {block.model.architecture}")
+    return block.model
+
+
+def build_survival_network(block: PemmaBlock, num_input_channels: int, num_outputs: int,
+                           patch_size: Sequence[int]) -> SurvivalUNETR:
+    """MONAI UNETR with a survival head: the CT base of prognosis (or a one-modality prognosis model)."""
+    return SurvivalUNETR(_prognosis_spec(block), num_input_channels, num_outputs, patch_size)
+
+
+def build_survival_pemma(block: PemmaBlock, num_outputs: int, patch_size: Sequence[int],
+                         clinical: bool) -> SurvivalPEMMAUNETR:
+    """PEMMA UNETR with the survival head; `clinical` adds the clinical token."""
+    return SurvivalPEMMAUNETR(_prognosis_spec(block), block.adaptation, num_outputs, patch_size,
+                              block.input_modalities, clinical=clinical)
+
+
+def build_survival_early_fusion(block: PemmaBlock, num_outputs: int, patch_size: Sequence[int],
+                                clinical: bool) -> SurvivalEarlyFusionUNETR:
+    """Early-fusion UNETR with the survival head; `clinical` feeds the clinical vector to the head."""
+    return SurvivalEarlyFusionUNETR(_prognosis_spec(block), num_outputs, patch_size, block.input_modalities,
+                                    clinical=clinical)

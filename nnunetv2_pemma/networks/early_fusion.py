@@ -34,15 +34,19 @@ class EarlyFusionUNETR(UNETR):
         """Declare which modalities the input channels hold, in order (flexible C, P or CP inference)."""
         self.input_modalities = check_modalities(modalities)
 
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        """x_in: (B, len(input_modalities), D, H, W) -> logits (B, out_channels, D, H, W)."""
+    def fill_channels(self, x_in: torch.Tensor) -> torch.Tensor:
+        """(B, len(input_modalities), D, H, W) -> (B, 2, D, H, W) in (CT, PET) order, an absent modality zero."""
         if x_in.shape[1] != len(self.input_modalities):
             raise ValueError(f"input has {x_in.shape[1]} channels, expected {len(self.input_modalities)} "
                              f"({self.input_modalities})")
         full = x_in.new_zeros((x_in.shape[0], len(MODALITIES), *x_in.shape[2:]))
         for i, m in enumerate(self.input_modalities):
             full[:, MODALITIES.index(m)] = x_in[:, i]
-        return super().forward(full)
+        return full
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        """x_in: (B, len(input_modalities), D, H, W) -> logits (B, out_channels, D, H, W)."""
+        return super().forward(self.fill_channels(x_in))
 
 
 def widen_to_two_channels(ct_state: Mapping[str, torch.Tensor], fused_state: Mapping[str, torch.Tensor],

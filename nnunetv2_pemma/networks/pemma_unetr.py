@@ -56,15 +56,20 @@ class PEMMAUNETR(ModalitySlots, UNETR):
         for p in self.pet_patch_embedding.patch_embeddings.parameters():
             p.zero_()
 
-    def encode(self, ct: torch.Tensor | None, pet: torch.Tensor | None) -> UNETREncoding:
-        """CT and PET images (B, 1, D, H, W) -> the CT tokens the decoder reads (a PET-only input: PET's)."""
+    def encode(self, ct: torch.Tensor | None, pet: torch.Tensor | None,
+               extra_tokens: Sequence[torch.Tensor] = ()) -> UNETREncoding:
+        """CT and PET images (B, 1, D, H, W) -> the CT tokens the decoder reads (a PET-only input: PET's).
+
+        extra_tokens: (B, k, hidden) each, e.g. a clinical token; they attend with the image tokens and are dropped
+        with the PET tokens before the decoder.
+        """
         tokens = []  # (B, N, hidden) each: CT first, so the first N tokens are the decoder's
         if ct is not None:
             tokens.append(self.vit.patch_embedding(ct))
         if pet is not None:
             tokens.append(self.pet_patch_embedding(pet))
         n = tokens[0].shape[1]
-        x = torch.cat(tokens, dim=1)
+        x = torch.cat(tokens + list(extra_tokens), dim=1)
         hidden_states = []
         for blk in self.vit.blocks:
             x = blk(x)
