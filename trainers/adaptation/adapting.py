@@ -27,9 +27,10 @@ def unwrap(network: nn.Module) -> nn.Module:
 class AdaptingTrainer(UNETRTrainer):
     """Starts from a trained model (`-pretrained_weights`) and changes the network once its weights are in.
 
-    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds a CT base the
-    trainer holds that CT network until the weights are loaded and converts it then (`convert`). The class's static
-    build_network_architecture, what nnUNetv2_predict and resumed runs use, builds the converted network.
+    nnU-Net's loader asserts that every key of the network is in the file, so when the file holds another network
+    (a CT base; a prognosis model gaining clinical data) the trainer holds that network (`network_to_load`) until
+    the weights are loaded and converts it then (`convert`). The class's static build_network_architecture, what
+    nnUNetv2_predict and resumed runs use, builds the converted network.
     """
 
     # preset "adaptation" values this trainer variant overrides (recorded in its plans.json and checkpoints)
@@ -43,15 +44,23 @@ class AdaptingTrainer(UNETRTrainer):
             self._set_pemma(dataclasses.replace(self.pemma, adaptation=adaptation))
         self._adapted = False
         self._weights_loaded = False
-        self._from_ct_base = False
+        self._converting = False
         self._pretrained: str | None = None
 
     def expected_checkpoint(self, path: str) -> str:
         """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
         return "ct_base"
 
-    def convert(self, ct_base: nn.Module) -> nn.Module:
-        """The network to train, made from the loaded CT network."""
+    def network_to_load(self, expect: str) -> nn.Module | None:
+        """The network a `-pretrained_weights` file of kind `expect` loads into when it is not the one this trainer
+        trains (`convert` turns it into that); None when the file loads into the trained network as it is."""
+        if expect != "ct_base":
+            return None
+        return build_plain_network(self.pemma, 1, self.label_manager.num_segmentation_heads,
+                                   self.configuration_manager.patch_size)
+
+    def convert(self, loaded: nn.Module) -> nn.Module:
+        """The network to train, made from the `network_to_load` nnU-Net loaded the weights into."""
         raise NotImplementedError
 
     def freeze(self, network: nn.Module) -> None:
@@ -73,23 +82,24 @@ class AdaptingTrainer(UNETRTrainer):
             theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
             self._set_pemma(dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(
                 self.pemma, theirs)))
-            self._from_ct_base = expect == "ct_base"
             self._pretrained = pretrained
         super().initialize()
-        if self._from_ct_base:
-            # what nnU-Net's load_pretrained_weights loads into: the CT network, converted in _adapt
-            ct_base = build_plain_network(self.pemma, 1, self.label_manager.num_segmentation_heads,
-                                          self.configuration_manager.patch_size).to(self.device)
-            self.network = DDP(ct_base, device_ids=[self.local_rank]) if self.is_ddp else ct_base
+        held = None if pretrained is None else self.network_to_load(expect)
+        if held is not None:
+            # what nnU-Net's load_pretrained_weights loads into, converted in _adapt
+            self._converting = True
+            held = held.to(self.device)
+            self.network = DDP(held, device_ids=[self.local_rank]) if self.is_ddp else held
         unwrap(self.network).register_load_state_dict_post_hook(self._note_weights_loaded)
 
     def _note_weights_loaded(self, module: nn.Module, incompatible_keys) -> None:
         self._weights_loaded = True
 
     def _adapt(self) -> None:
-        """Convert (when starting from the CT base), freeze, and rebuild the optimiser and DDP wrapper."""
+        """Convert (when the weights went into `network_to_load`), freeze, and rebuild the optimiser and DDP
+        wrapper."""
         network = unwrap(self.network)
-        if self._from_ct_base:
+        if self._converting:
             network = self.convert(network)
         self.freeze(network)
         network = network.to(self.device)
