@@ -29,7 +29,7 @@ def _convert_hecktor(args: argparse.Namespace) -> None:
     try:
         report = convert_hecktor(Path(args.input), dataset_id=args.dataset_id, name=args.name, centers=args.centers,
                                  modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
-                                 edition=args.edition, skip_bad=args.skip_bad)
+                                 edition=args.edition, skip_bad=args.skip_bad, with_outcomes=args.with_outcomes)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the library turns it into KeyboardInterrupt)
         why = str(e) or "Ctrl-C"
         raise PemmaError(f"interrupted ({why}); the unfinished dataset and its lock were removed") from None
@@ -59,6 +59,16 @@ def _predict(args: argparse.Namespace) -> None:
                       tta=not args.disable_tta, crop_records=Path(args.crop_records) if args.crop_records else None,
                       missing_modality=args.missing_modality, num_processes=args.np, overwrite=args.overwrite)
     print(f"{len(written)} predictions in {args.o}")
+
+
+def _predict_risk(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.inference.risk import predict_risk
+
+    folds = [f if f == "all" else int(f) for f in args.f]
+    frame = predict_risk(Path(args.i), Path(args.o), args.d, args.c, args.tr, folds, modalities=args.modalities,
+                         outcomes=Path(args.outcomes) if args.outcomes else None, plans_identifier=args.p,
+                         checkpoint_name=args.chk, device=args.device, overwrite=args.overwrite)
+    print(f"risks of {len(frame)} cases ({frame['modalities'].iloc[0]}) in {args.o}")
 
 
 def _predict_late_fusion(args: argparse.Namespace) -> None:
@@ -116,6 +126,27 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def _evaluate_survival(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.evaluation.survival import evaluate_survival
+
+    print(evaluate_survival(Path(args.risks_csv), Path(args.outcomes), Path(args.out), n_resamples=args.bootstrap))
+
+
+def _add_evaluate_survival(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate-survival", help="C-index, bootstrap interval and Kaplan-Meier log-rank test of "
+                                                 "predicted risks against relapse-free survival",
+                       description="Harrell's C-index (higher risk = earlier relapse) with its 95% percentile "
+                                   "bootstrap interval, per-centre C-index, and Kaplan-Meier curves of the low- and "
+                                   "high-risk halves with their log-rank p-value. Writes survival.json and "
+                                   "kaplan_meier.png to --out.")
+    p.add_argument("risks_csv", metavar="RISKS_CSV", help="CSV with columns case,risk (pemma predict-risk)")
+    p.add_argument("--outcomes", required=True, metavar="PATH",
+                   help="outcomes.json, or the nnU-Net raw dataset folder holding it")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for survival.json and kaplan_meier.png")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p.set_defaults(func=_evaluate_survival)
+
+
 def _parameters(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.evaluation.parameters import format_parameter_table, measure
 
@@ -160,6 +191,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="head-and-neck box size in mm (default 200 200 310)")
     p.add_argument("--edition", type=int, choices=(2022, 2021), default=2022)
     p.add_argument("--skip-bad", action="store_true", help="convert the valid cases and list the skipped ones")
+    p.add_argument("--with-outcomes", action="store_true",
+                   help="also validate HECKTOR 2022's clinical and endpoint tables and write them as outcomes.json "
+                        "(encoded clinical vector with missing indicators, relapse, RFS) for prognosis")
     p.set_defaults(func=_convert_hecktor)
 
 
@@ -211,6 +245,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="pemma_crops.json (or the converted raw dataset folder holding it) of the input cases")
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in the output folder")
     p.set_defaults(func=_predict)
+
+
+def _add_predict_risk(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict-risk", help="relapse risk of each case from a prognosis model, as a CSV",
+                       description="Score every case of a folder with a prognosis model (log relative hazard, "
+                                   "higher = earlier relapse): CSV columns case, risk, modalities, clinical. "
+                                   "--modalities picks the input modalities as for `pemma predict`.")
+    p.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
+    p.add_argument("-o", required=True, help="output CSV")
+    p.add_argument("-d", required=True, help="dataset the model was trained on (id or name)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_unetr_prognosis")
+    p.add_argument("-tr", required=True, help="trainer, e.g. PEMMAClinicalTrainer")
+    p.add_argument("-f", nargs="+", default=["0"], help="folds (their risks are averaged)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
+                   help="modalities of the input channels in order, e.g. CT or CT PET (default: as trained)")
+    p.add_argument("--outcomes", default=None,
+                   help="outcomes.json (or the raw dataset folder holding it) with the cases' clinical rows, for "
+                        "models that take clinical data (default: the model's dataset's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output CSV")
+    p.set_defaults(func=_predict_risk)
 
 
 def _add_predict_late_fusion(sub: argparse._SubParsersAction) -> None:
@@ -297,8 +354,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_env, _add_reproduce, _add_phantom, _add_convert, _add_plans, _add_predict,
-    _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_parameters)
+    _add_demo, _add_env, _add_reproduce, _add_phantom, _add_convert, _add_plans, _add_predict, _add_predict_risk,
+    _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_evaluate_survival, _add_parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:
