@@ -94,10 +94,18 @@ def _apply_adapter(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    hecktor = None if args.phantom else Path(args.hecktor)
+    if args.prognosis:
+        from nnunetv2_pemma.experiments.prognosis import run_prognosis
+
+        print(run_prognosis(Path(args.out), args.preset or "prognosis", hecktor=hecktor,
+                            phantom_cases=args.cases_per_center or 40, phantom_size=args.size, device=args.device,
+                            gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs))
+        return
     from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
-    print(run_reproduce(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
-                        phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
+    print(run_reproduce(Path(args.out), args.preset or "demo", hecktor=hecktor,
+                        phantom_cases=args.cases_per_center or 30, phantom_size=args.size, device=args.device,
                         gpus=args.gpus, scope=args.scope, seed=args.seed, cpu_jobs=args.cpu_jobs))
 
 
@@ -308,10 +316,16 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
     source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
-    p.add_argument("--preset", default="demo", help="demo (CPU; its from-scratch models use demo_base) or paper")
+    p.add_argument("--prognosis", action="store_true",
+                   help="the extended paper's prognosis table instead (C, CP, CPT; PEMMA LoRA/DoRA vs early fusion; "
+                        "C-index on fold 0's validation cases of all training centres)")
+    p.add_argument("--preset", default=None,
+                   help="demo (default; CPU; its from-scratch models use demo_base) or paper; with --prognosis: "
+                        "prognosis (default)")
     p.add_argument("--out", required=True, help="output folder (holds its own nnU-Net folders)")
-    p.add_argument("--cases-per-center", type=int, default=30,
-                   help="phantom cases per centre (30: 6 fold-0 validation cases per stage)")
+    p.add_argument("--cases-per-center", type=int, default=None,
+                   help="phantom cases per centre (default 30: 6 fold-0 validation cases per stage; with "
+                        "--prognosis 40: 56 validation cases)")
     p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--scope", choices=("full", "demo"), default="full",

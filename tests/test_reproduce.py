@@ -119,3 +119,29 @@ def test_table2_files(tmp_path: Path) -> None:
     assert "New dataset 1 · adaptation-stage model, before the update · infer P" in markdown
     assert paths["csv"].read_text().count("\n") == len(rows) + 1
     assert paths["png"].stat().st_size > 10_000
+
+
+def test_prognosis_protocol_chains_each_method_from_the_shared_ct_base(tmp_path: Path) -> None:
+    from nnunetv2_pemma.experiments.prognosis import (BASE_TRAINER, CT_DATASET, CTPET_DATASET, TRAINERS,
+                                                      PrognosisProtocol, models, trainable_parameters)
+
+    protocol = PrognosisProtocol(tmp_path, tmp_path / "hecktor", "prognosis", "cpu")
+    trainings = {j.name: j for j in _trainings(protocol)}
+    assert len(trainings) == 1 + 2 * len(TRAINERS)
+    for job in protocol.jobs.values():
+        assert set(job.after) <= set(protocol.jobs), job.name
+    converts = [j for j in protocol.jobs.values() if "convert-hecktor" in j.argv]
+    assert all("--with-outcomes" in j.argv for j in converts) and len(converts) == 2
+    base = str(protocol.checkpoint(CT_DATASET, BASE_TRAINER))
+    for cp, cpt in TRAINERS.values():
+        assert base in trainings[f"train {cp} on {CTPET_DATASET}"].argv
+        second = trainings[f"train {cpt} on {CTPET_DATASET}"]
+        assert str(protocol.checkpoint(CTPET_DATASET, cp)) in second.argv
+        assert f"train {cp} on {CTPET_DATASET}" in second.after
+    # trainable parameters per stage: PEMMA trains a few percent, early fusion everything
+    counts = {(m.method, m.inputs): trainable_parameters("prognosis", m) for m in models()}
+    assert counts[("PEMMA (LoRA)", "CP")] < counts[("Early fusion", "CP")] / 5
+    # the clinical stage: LoRA on Q and V of 12 blocks (rank 4, hidden 48) and the clinical token (18 -> 48, + position)
+    assert counts[("PEMMA (LoRA)", "CPT")] == 12 * 2 * 4 * (48 + 48) + (18 + 1 + 1) * 48
+    assert counts[("PEMMA (DoRA)", "CP")] > counts[("PEMMA (LoRA)", "CP")]  # DoRA adds the magnitudes
+    assert counts[("Early fusion", "CPT")] == counts[("Early fusion", "CP")] + 18

@@ -6,6 +6,7 @@ behaviour, in folders named by what they change, as nnU-Net's ``training/nnUNetT
 - ``network_architecture/``: the transformer networks trained from scratch (UNETR, SwinUNETR);
 - ``adaptation/``: PEMMA's adaptation and continual updates (LoRA, DoRA);
 - ``baselines/``: early fusion;
+- ``prognosis/``: a survival head trained with segmentation, adapted CT -> CT+PET -> CT+PET+clinical;
 - ``variants/``: PET initialisation and modality dropout of the above;
 - ``benchmarking/``: trainers that time training steps (``benchmarks/speed_memory.py``).
 """
