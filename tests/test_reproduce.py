@@ -133,6 +133,7 @@ def test_prognosis_protocol_chains_each_method_from_the_shared_ct_base(tmp_path:
     converts = [j for j in protocol.jobs.values() if "convert-hecktor" in j.argv]
     assert all("--with-outcomes" in j.argv for j in converts) and len(converts) == 2
     base = str(protocol.checkpoint(CT_DATASET, BASE_TRAINER))
+    assert "3d_unetr_prognosis_base" in trainings[f"train {BASE_TRAINER} on {CT_DATASET}"].argv, "a longer base"
     for cp, cpt in TRAINERS.values():
         assert base in trainings[f"train {cp} on {CTPET_DATASET}"].argv
         second = trainings[f"train {cpt} on {CTPET_DATASET}"]

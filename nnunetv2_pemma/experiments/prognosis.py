@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nnunetv2_pemma.data.centers import TRAINING_CENTERS_2022
 from nnunetv2_pemma.experiments.protocol import nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs, success_marker
-from nnunetv2_pemma.plans import load_preset
+from nnunetv2_pemma.plans import load_preset, preset_names
 
 CT_DATASET, CTPET_DATASET = 611, 612
 NAMES = {CT_DATASET: "Prognosis_CT", CTPET_DATASET: "Prognosis_CTPET"}
@@ -64,14 +64,21 @@ class PrognosisProtocol:
     def __init__(self, out: Path, data: Path, preset: str, device: str) -> None:
         self.out, self.data, self.preset, self.device = out, data, preset, device
         self.config = load_preset(preset).configuration
+        # the CT base learns segmentation and survival from scratch: it may have a longer preset of the same network
+        self.base_preset = f"{preset}_base" if f"{preset}_base" in preset_names() else preset
+        self.base_config = load_preset(self.base_preset).configuration
         self.jobs: dict[str, Job] = {}
         self._build()
 
     def dataset_name(self, dataset_id: int) -> str:
         return f"Dataset{dataset_id:03d}_{NAMES[dataset_id]}"
 
+    def config_of(self, trainer: str) -> str:
+        return self.base_config if trainer == BASE_TRAINER else self.config
+
     def model_folder(self, dataset_id: int, trainer: str) -> Path:
-        return self.out / "nnUNet_results" / self.dataset_name(dataset_id) / f"{trainer}__nnUNetPlans__{self.config}"
+        return (self.out / "nnUNet_results" / self.dataset_name(dataset_id)
+                / f"{trainer}__nnUNetPlans__{self.config_of(trainer)}")
 
     def checkpoint(self, dataset_id: int, trainer: str) -> Path:
         return self.model_folder(dataset_id, trainer) / "fold_0" / "checkpoint_final.pth"
@@ -84,7 +91,8 @@ class PrognosisProtocol:
         return job.name
 
     def _train(self, dataset_id: int, trainer: str, after: list[str], pretrained: Path | None = None) -> str:
-        argv = ["nnUNetv2_train", str(dataset_id), self.config, "0", "-tr", trainer, "-device", self.device]
+        argv = ["nnUNetv2_train", str(dataset_id), self.config_of(trainer), "0", "-tr", trainer, "-device",
+                self.device]
         if pretrained is not None:
             argv += ["-pretrained_weights", str(pretrained)]
         return self._add(Job(f"train {trainer} on {dataset_id}", argv, self.checkpoint(dataset_id, trainer), after,
@@ -104,9 +112,12 @@ class PrognosisProtocol:
                               "--verify_dataset_integrity", "-np", "1"],
                              self.out / "nnUNet_preprocessed" / self.dataset_name(CT_DATASET) / "nnUNetPlans_3d_fullres",
                              [converted[CT_DATASET]]))
+        add_base = self._add(Job(f"plans add {CT_DATASET} base", ["pemma", "plans", "add", str(CT_DATASET),
+                                                                  "--preset", self.base_preset],
+                                 success_marker(logs, f"plans add {CT_DATASET} base"), [plan]))
         add = self._add(Job(f"plans add {CT_DATASET}", ["pemma", "plans", "add", str(CT_DATASET), "--preset",
                                                         self.preset],
-                            success_marker(logs, f"plans add {CT_DATASET}"), [plan]))
+                            success_marker(logs, f"plans add {CT_DATASET}"), [add_base]))
         transfer = self._add(Job(f"plans transfer {CT_DATASET}->{CTPET_DATASET}",
                                  ["pemma", "plans", "transfer", str(CT_DATASET), str(CTPET_DATASET), "--preset",
                                   self.preset],
@@ -171,7 +182,8 @@ def score(protocol: PrognosisProtocol, n_resamples: int = 1000) -> list[dict]:
             risks = folder / "risks.csv"
             if not risks.exists():
                 predict_risk(protocol.inputs(model.dataset, cases), risks, protocol.dataset_name(model.dataset),
-                             protocol.config, model.trainer, [0], outcomes=outcomes, device=protocol.device)
+                             protocol.config_of(model.trainer), model.trainer, [0], outcomes=outcomes,
+                             device=protocol.device)
             done[key] = evaluate_survival(risks, outcomes, folder, n_resamples=n_resamples)
         report = done[key]
         rows.append({"method": model.method, "inputs": model.inputs, "trainer": model.trainer,

@@ -1,9 +1,11 @@
 """`pemma predict-risk`: a prognosis model's relapse risk for each case of a folder, as a CSV.
 
 Images go through nnU-Net's own preprocessing (the predictor's plans, with any modality subset) and are tiled as
-nnU-Net's sliding window tiles them; the encoder and survival head score each tile and the case's risk is the mean
-log relative hazard over tiles (and folds). The decoder is not run. A Cox model gives relative risks only, so the
-CSV holds no survival curve (that would need a baseline hazard fitted on training cases).
+nnU-Net's sliding window tiles them. Each tile gets a log relative hazard from the survival head and a weight, the
+number of voxels the model itself segments as lesion in it: the case's risk is the weighted mean over tiles (the
+plain mean when nothing is segmented), averaged over folds. Prognosis trainers train the head on patches that hold
+a lesion, and a large scan has many tiles without one. A Cox model gives relative risks only, so the CSV holds no
+survival curve (that would need a baseline hazard fitted on training cases).
 """
 
 from __future__ import annotations
@@ -24,6 +26,25 @@ from nnunetv2_pemma.inference.predictor import build_predictor, model_folder_of
 from nnunetv2_pemma.plans import channel_modalities
 
 RISK_COLUMNS = ("case", "risk", "modalities", "clinical")
+
+
+TILES_PER_BATCH = 4  # tiles through the network at once: memory, not speed, limits a full-size preset
+
+
+def _case_risk(network: torch.nn.Module, tiles: torch.Tensor, clinical: torch.Tensor | None) -> float:
+    """Lesion-weighted mean of the tiles' log relative hazards (plain mean if no tile holds a segmented lesion)."""
+    risks, weights = [], []
+    for start in range(0, len(tiles), TILES_PER_BATCH):
+        chunk = tiles[start:start + TILES_PER_BATCH]
+        network.set_clinical(None if clinical is None else clinical[: len(chunk)])
+        logits, tokens = network.segment_and_encode(chunk)
+        weights.append((logits.argmax(1) > 0).flatten(1).sum(1).float())
+        risks.append(network.prognosis(tokens, network.clinical_for(chunk)))
+    network.set_clinical(None)
+    risks, weights = torch.cat(risks), torch.cat(weights)
+    if weights.sum() == 0:
+        return risks.mean().item()
+    return (risks * weights).sum().item() / weights.sum().item()
 
 
 def predict_risk(input_dir: Path, output_csv: Path, dataset: str | int, configuration: str, trainer: str,
@@ -73,14 +94,13 @@ def predict_risk(input_dir: Path, output_csv: Path, dataset: str | int, configur
         padded, _ = pad_nd_image(torch.from_numpy(data).float(), predictor.configuration_manager.patch_size,
                                  "constant", {"value": 0}, True, None)
         tiles = torch.stack([padded[s] for s in predictor._internal_get_sliding_window_slicers(padded.shape[1:])])
-        clinical = None if table is None else torch.from_numpy(table.clinical_vector(case)).expand(len(tiles), -1)
+        clinical = None if table is None else torch.from_numpy(table.clinical_vector(case)).to(
+            predictor.device).expand(TILES_PER_BATCH, -1)
         per_fold = []
         with torch.no_grad():
             for params in predictor.list_of_parameters:
                 network.load_state_dict(params)
-                network.set_clinical(None if clinical is None else clinical.to(predictor.device))
-                per_fold.append(network.risk(tiles.to(predictor.device)).mean().item())
-        network.set_clinical(None)
+                per_fold.append(_case_risk(network, tiles.to(predictor.device), clinical))
         has_row = table is not None and case in table.cases and table.cases[case].clinical is not None
         risks.append({"case": case, "risk": float(np.mean(per_fold)), "modalities": "+".join(used),
                       "clinical": int(has_row)})

@@ -29,9 +29,15 @@ HEAD_PREFIX = "prognosis."
 
 class SurvivalTraining:
     """Mixin (first in the bases): nnU-Net's segmentation loss plus the preset's weight times the Cox loss, with
-    each batch's endpoints and clinical vectors looked up by ``batch["keys"]``."""
+    each batch's endpoints and clinical vectors looked up by ``batch["keys"]``, on patches that hold a lesion."""
 
     outcomes: Outcomes
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # every patch holds a lesion (nnU-Net's foreground oversampling for all samples, not a third): the head
+        # scores the tumour it sees, and predict-risk weights its tiles by the tumour they hold
+        self.oversample_foreground_percent = 1.0
 
     def _build_loss(self):
         survival = self.pemma.survival
