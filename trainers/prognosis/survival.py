@@ -9,6 +9,7 @@ outcomes.json (`pemma convert-hecktor --with-outcomes`), looked up by the case k
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from nnunetv2_pemma.data.outcomes import Outcomes, dataset_outcomes
@@ -33,8 +34,10 @@ class SurvivalTraining:
 
     outcomes: Outcomes
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # the explicit signature matters: nnU-Net's __init__ records its arguments from this method's signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
         # every patch holds a lesion (nnU-Net's foreground oversampling for all samples, not a third): the head
         # scores the tumour it sees, and predict-risk weights its tiles by the tumour they hold
         self.oversample_foreground_percent = 1.0
