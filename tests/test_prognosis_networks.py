@@ -17,7 +17,7 @@ from nnunetv2_pemma.config import Preset
 from nnunetv2_pemma.data.outcomes import CLINICAL_FEATURES, CaseOutcome, Outcomes
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.build import build_survival_early_fusion, build_survival_network, build_survival_pemma
-from nnunetv2_pemma.networks.prognosis import SurvivalHead, missing_clinical_vector
+from nnunetv2_pemma.networks.prognosis import SurvivalHead, lesion_volumes, missing_clinical_vector
 from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.plans import load_preset
 from nnunetv2_pemma.training.survival_loss import (SegmentationAndSurvivalLoss, SurvivalTargets, batch_outcomes,
@@ -52,10 +52,25 @@ def test_training_output_is_logits_and_risk_eval_output_is_logits(block, base):
         assert logits.shape == (2, CLASSES, *PATCH) and risk.shape == (2,)
         net.eval()
         with torch.no_grad():
-            assert torch.equal(net(x), net.segment_and_encode(x)[0])
-            # risk() runs the encoder alone and gives the head's value of the joint pass
-            assert torch.allclose(net.risk(x), net.prognosis(net.segment_and_encode(x)[1], net.clinical_for(x)),
-                                  atol=1e-5)
+            assert torch.equal(net(x), net.segment_and_risk(x)[0])
+
+
+def test_lesion_volumes_are_expected_voxel_counts():
+    logits = torch.zeros(1, CLASSES, 2, 2, 2)
+    logits[0, 1, 0] = 10.0  # class 1 all but certain in 4 of the 8 voxels; the other 4 uniform over 3 classes
+    certain = math.exp(10) / (math.exp(10) + 2)
+    expected = [4 * certain + 4 / 3, 4 * (1 - certain) / 2 + 4 / 3]
+    assert lesion_volumes(logits)[0].tolist() == pytest.approx([math.log1p(v) for v in expected], rel=1e-5)
+
+
+def test_the_survival_loss_does_not_reach_the_segmentation_through_the_volumes():
+    net = build_survival_network(load_preset("tiny").block(("CT",)), 1, CLASSES, PATCH).train()
+    with torch.no_grad():
+        net.prognosis.linear.weight[:, : -(CLASSES - 1)] = 0.0  # the risk reads the volumes alone
+    logits, risk = net(_x(channels=1))
+    risk.sum().backward()
+    assert net.prognosis.linear.weight.grad[0, -(CLASSES - 1):].abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for n, p in net.named_parameters() if not n.startswith("prognosis."))
 
 
 def test_ct_plus_pet_stage_keeps_the_base_and_its_head_frozen(block, base):
@@ -80,11 +95,11 @@ def test_the_clinical_token_reads_the_clinical_vector_and_none_means_a_missing_r
     torch.nn.init.normal_(net.ehr_token.embedding.weight)
     x = _x()
     with torch.no_grad():
-        unset = net.risk(x)
+        unset = net.segment_and_risk(x)[1]
         net.set_clinical(missing_clinical_vector().expand(2, -1))
-        missing = net.risk(x)
+        missing = net.segment_and_risk(x)[1]
         net.set_clinical(torch.rand(2, F))
-        given = net.risk(x)
+        given = net.segment_and_risk(x)[1]
         net.set_clinical(None)
     assert torch.equal(unset, missing)
     assert not torch.allclose(given, missing)
@@ -101,7 +116,7 @@ def test_widened_early_fusion_head_starts_with_the_same_risks(block):
     x = _x()
     with torch.no_grad():
         with_clinical.set_clinical(torch.rand(2, F))
-        assert torch.allclose(fused.risk(x), with_clinical.risk(x), atol=1e-6)
+        assert torch.allclose(fused.segment_and_risk(x)[1], with_clinical.segment_and_risk(x)[1], atol=1e-6)
 
 
 def _hand_cox(log_hz: list[float], event: list[bool], time: list[float]) -> float:

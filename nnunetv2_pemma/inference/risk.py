@@ -37,9 +37,9 @@ def _case_risk(network: torch.nn.Module, tiles: torch.Tensor, clinical: torch.Te
     for start in range(0, len(tiles), TILES_PER_BATCH):
         chunk = tiles[start:start + TILES_PER_BATCH]
         network.set_clinical(None if clinical is None else clinical[: len(chunk)])
-        logits, tokens = network.segment_and_encode(chunk)
+        logits, risk = network.segment_and_risk(chunk)
         weights.append((logits.argmax(1) > 0).flatten(1).sum(1).float())
-        risks.append(network.prognosis(tokens, network.clinical_for(chunk)))
+        risks.append(risk)
     network.set_clinical(None)
     risks, weights = torch.cat(risks), torch.cat(weights)
     if weights.sum() == 0:
@@ -72,7 +72,7 @@ def predict_risk(input_dir: Path, output_csv: Path, dataset: str | int, configur
     cases = input_cases(Path(input_dir), used)
     predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta=False)
     network = predictor.network
-    if not hasattr(network, "risk"):
+    if not hasattr(network, "segment_and_risk"):
         raise PlansError(f"{trainer} has no survival head; predict-risk takes a prognosis model (SurvivalUNETRTrainer, "
                          f"PEMMASurvivalTrainer, PEMMAClinicalTrainer, EarlyFusionSurvivalTrainer, ...)")
     table = None

@@ -1,9 +1,15 @@
-"""Prognosis networks: a Cox survival head on the encoder's final CT tokens, trained jointly with segmentation.
+"""Prognosis networks: a Cox survival head on the encoder's final CT tokens and on the lesion volumes the network
+segments, trained jointly with segmentation.
+
+The head reads the mean of the final CT tokens and, per lesion class, log(1 + the expected number of voxels of
+that class in the patch) from the network's own softmax, detached (the survival loss does not bend the
+segmentation). Relapse risk in head-and-neck cancer follows tumour burden, which the segmentation measures
+directly; on the phantom the tokens alone did not learn it in a CPU budget (README, "Prognosis").
 
 Three forms, one per way of adding modalities (extended PEMMA paper; TMSS for the clinical token):
 
-- :class:`SurvivalUNETR`, the CT base: MONAI's UNETR plus ``prognosis``, a head on the mean of the ViT's output
-  tokens (read from MONAI's ``ViT`` module, whose output UNETR's own forward computes).
+- :class:`SurvivalUNETR`, the CT base: MONAI's UNETR plus ``prognosis``, the head (the tokens are read from MONAI's
+  ``ViT`` module, whose output UNETR's own forward computes).
 - :class:`SurvivalPEMMAUNETR`: PEMMA's UNETR (PET tokens, PET skip, LoRA/DoRA) with the same head on the CT tokens
   that ``encode`` returns; with ``clinical=True`` it adds one clinical token (``ehr_*``), built from the encoded
   clinical vector by a linear layer, which attends with the image tokens and is dropped before the decoder.
@@ -37,32 +43,39 @@ def missing_clinical_vector() -> torch.Tensor:
     return torch.tensor([1.0 if name.endswith(MISSING_SUFFIX) else 0.0 for name in CLINICAL_FEATURES])
 
 
-class SurvivalHead(nn.Module):
-    """Mean of the final CT tokens (B, N, hidden), optionally next to the clinical vector (B, F), -> (B,) log
-    relative hazard (Cox: higher means earlier relapse)."""
+def lesion_volumes(logits: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) logits -> (B, C - 1): log(1 + expected voxels of each foreground class), detached."""
+    probabilities = torch.softmax(logits.detach().float(), dim=1)[:, 1:]
+    return torch.log1p(probabilities.flatten(2).sum(2))
 
-    def __init__(self, hidden_size: int, clinical_features: int = 0) -> None:
+
+class SurvivalHead(nn.Module):
+    """Mean of the final CT tokens (B, N, hidden), the lesion volumes (B, K) and optionally the clinical vector
+    (B, F) -> (B,) log relative hazard (Cox: higher means earlier relapse)."""
+
+    def __init__(self, hidden_size: int, lesion_classes: int, clinical_features: int = 0) -> None:
         super().__init__()
         self.clinical_features = clinical_features
-        self.linear = nn.Linear(hidden_size + clinical_features, 1)
+        self.linear = nn.Linear(hidden_size + lesion_classes + clinical_features, 1)
 
     @staticmethod
     @torch.no_grad()
     def widened(head: "SurvivalHead", clinical_features: int) -> "SurvivalHead":
         """A head that also reads `clinical_features` clinical values, whose weights start at zero: at first it
         gives exactly `head`'s risks."""
-        hidden = head.linear.in_features - head.clinical_features
-        wide = SurvivalHead(hidden, head.clinical_features + clinical_features)
+        image_features = head.linear.in_features - head.clinical_features
+        wide = SurvivalHead(image_features, 0, head.clinical_features + clinical_features)
         wide.linear.weight.zero_()
         wide.linear.weight[:, : head.linear.in_features] = head.linear.weight
         wide.linear.bias.copy_(head.linear.bias)
         return wide
 
-    def forward(self, tokens: torch.Tensor, clinical: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = tokens.mean(dim=1)
+    def forward(self, tokens: torch.Tensor, volumes: torch.Tensor, clinical: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        features = [tokens.mean(dim=1), volumes.to(tokens)]
         if self.clinical_features:
-            pooled = torch.cat([pooled, clinical.to(pooled)], dim=1)
-        return self.linear(pooled).squeeze(1)
+            features.append(clinical.to(tokens))
+        return self.linear(torch.cat(features, dim=1)).squeeze(1)
 
 
 class ClinicalToken(nn.Module):
@@ -80,15 +93,14 @@ class ClinicalToken(nn.Module):
 class PrognosisNetwork(nn.Module):
     """Mixin (before the MONAI network in the bases): joint segmentation and risk, and the batch's clinical data.
 
-    A subclass implements :meth:`segment_and_encode` (logits and the final CT tokens from one pass) and
-    :meth:`encode_tokens` (the tokens alone, for risk prediction without the decoder).
+    A subclass implements :meth:`segment_and_encode` (logits and the final CT tokens from one pass).
     """
 
     prognosis: SurvivalHead
     uses_clinical: bool
 
-    def _add_prognosis(self, hidden_size: int, head_clinical_features: int) -> None:
-        self.prognosis = SurvivalHead(hidden_size, head_clinical_features)
+    def _add_prognosis(self, hidden_size: int, out_channels: int, head_clinical_features: int) -> None:
+        self.prognosis = SurvivalHead(hidden_size, out_channels - 1, head_clinical_features)
         self.register_buffer("missing_clinical", missing_clinical_vector(), persistent=False)
         self._clinical: torch.Tensor | None = None
 
@@ -108,20 +120,16 @@ class PrognosisNetwork(nn.Module):
         """(logits (B, out, D, H, W), final CT tokens (B, N, hidden)) for the input (B, C, D, H, W)."""
         raise NotImplementedError
 
-    def encode_tokens(self, x_in: torch.Tensor) -> torch.Tensor:
-        """The final CT tokens (B, N, hidden) alone."""
-        raise NotImplementedError
-
-    def risk(self, x_in: torch.Tensor) -> torch.Tensor:
-        """(B,) log relative hazard of the input patches (encoder and head only)."""
-        return self.prognosis(self.encode_tokens(x_in), self.clinical_for(x_in))
+    def segment_and_risk(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, out, D, H, W), log relative hazard (B,)) of the input patches."""
+        logits, tokens = self.segment_and_encode(x_in)
+        return logits, self.prognosis(tokens, lesion_volumes(logits), self.clinical_for(x_in))
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Training: (logits, log hazard (B,)); eval: logits, as nnU-Net's validation and predictor expect."""
-        logits, tokens = self.segment_and_encode(x_in)
         if not self.training:
-            return logits
-        return logits, self.prognosis(tokens, self.clinical_for(x_in))
+            return self.segment_and_encode(x_in)[0]
+        return self.segment_and_risk(x_in)
 
 
 def _vit_output_and_logits(net: UNETR, forward, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,13 +160,10 @@ class SurvivalUNETR(PrognosisNetwork, UNETR):
                          img_size=spec.check_patch_size(img_size), **spec.kwargs())
         enable_sdpa(self.vit)
         freeze_unused_norms(self.vit)
-        self._add_prognosis(spec.hidden_size, 0)
+        self._add_prognosis(spec.hidden_size, out_channels, 0)
 
     def segment_and_encode(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _vit_output_and_logits(self, super(PrognosisNetwork, self).forward, x_in)
-
-    def encode_tokens(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.vit(x_in)[0]
 
 
 class SurvivalEarlyFusionUNETR(PrognosisNetwork, EarlyFusionUNETR):
@@ -168,13 +173,10 @@ class SurvivalEarlyFusionUNETR(PrognosisNetwork, EarlyFusionUNETR):
                  input_modalities: Sequence[str] = MODALITIES, clinical: bool = False) -> None:
         super().__init__(spec, out_channels, img_size, input_modalities)
         self.uses_clinical = clinical
-        self._add_prognosis(spec.hidden_size, len(CLINICAL_FEATURES) if clinical else 0)
+        self._add_prognosis(spec.hidden_size, out_channels, len(CLINICAL_FEATURES) if clinical else 0)
 
     def segment_and_encode(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _vit_output_and_logits(self, super(PrognosisNetwork, self).forward, x_in)
-
-    def encode_tokens(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self.vit(self.fill_channels(x_in))[0]
 
 
 class SurvivalPEMMAUNETR(PrognosisNetwork, PEMMAUNETR):
@@ -185,19 +187,13 @@ class SurvivalPEMMAUNETR(PrognosisNetwork, PEMMAUNETR):
                  input_modalities: Sequence[str] = MODALITIES, clinical: bool = False) -> None:
         super().__init__(spec, adaptation, out_channels, img_size, input_modalities)
         self.uses_clinical = clinical
-        self._add_prognosis(spec.hidden_size, 0)
+        self._add_prognosis(spec.hidden_size, out_channels, 0)
         if clinical:
             self.ehr_token = ClinicalToken(len(CLINICAL_FEATURES), spec.hidden_size)
             self.adapter_methods = self.adapter_methods + (CLINICAL_SLOT,)
 
-    def _encode(self, x_in: torch.Tensor):
+    def segment_and_encode(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ct, pet = self.split_modalities(x_in)
         extra = [self.ehr_token(self.clinical_for(x_in))] if self.uses_clinical else []
-        return ct, pet, self.encode(ct, pet, extra)
-
-    def segment_and_encode(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ct, pet, encoded = self._encode(x_in)
+        encoded = self.encode(ct, pet, extra)
         return self.decode(encoded, self.input_skip(ct, pet)), encoded.tokens
-
-    def encode_tokens(self, x_in: torch.Tensor) -> torch.Tensor:
-        return self._encode(x_in)[2].tokens
