@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.data.outcomes import Outcomes, dataset_outcomes
 from nnunetv2_pemma.errors import CheckpointError, InputDataError
 from nnunetv2_pemma.networks.build import (build_survival_early_fusion, build_survival_network,
                                            build_survival_pemma)
 from nnunetv2_pemma.networks.prognosis import SurvivalHead
-from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.trainers.adaptation.adapting import unwrap
 from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMATrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
