@@ -26,8 +26,6 @@ from nnunetv2_pemma.inference.predictor import build_predictor, model_folder_of
 from nnunetv2_pemma.plans import channel_modalities
 
 RISK_COLUMNS = ("case", "risk", "modalities", "clinical")
-
-
 TILES_PER_BATCH = 4  # tiles through the network at once: memory, not speed, limits a full-size preset
 
 
