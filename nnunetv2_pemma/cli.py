@@ -228,23 +228,28 @@ def _add_plans(sub: argparse._SubParsersAction) -> None:
     tr.set_defaults(func=_plans_transfer)
 
 
+def _model_arguments(p: argparse.ArgumentParser, output: str, configuration: str, trainer: str, folds: str) -> None:
+    """nnUNetv2_predict's options for input, output and the trained model, and --modalities."""
+    p.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
+    p.add_argument("-o", required=True, help=output)
+    p.add_argument("-d", required=True, help="dataset the model was trained on (id or name)")
+    p.add_argument("-c", required=True, help=f"configuration, e.g. {configuration}")
+    p.add_argument("-tr", required=True, help=f"trainer, e.g. {trainer}")
+    p.add_argument("-f", nargs="+", default=["0"], help=folds)
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
+    p.add_argument("-chk", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
+                   help="modalities of the input channels in order, e.g. PET or CT PET (default: as trained)")
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="nnUNetv2_predict with a choice of input modalities and crop restoration",
                        description="Predict with a trained model. --modalities says which modalities the input "
                                    "files hold (file _0000 is the first); a PEMMA model takes any subset of CT, "
                                    "PET. --crop-records puts masks back into the original CT grid.")
-    p.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
-    p.add_argument("-o", required=True, help="output folder")
-    p.add_argument("-d", required=True, help="dataset the model was trained on (id or name)")
-    p.add_argument("-c", required=True, help="configuration, e.g. 3d_unetr")
-    p.add_argument("-tr", required=True, help="trainer, e.g. PEMMATrainer")
-    p.add_argument("-f", nargs="+", default=["0"], help="folds")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
+    _model_arguments(p, output="output folder", configuration="3d_unetr", trainer="PEMMATrainer", folds="folds")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
-    p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
-                   help="modalities of the input channels in order, e.g. PET or CT PET (default: as trained)")
     p.add_argument("-np", type=int, default=3,
                    help="preprocessing and export worker processes (0: all in this process, quicker for few cases)")
     p.add_argument("--missing-modality", choices=("zero", "drop"), default=None,
@@ -260,17 +265,8 @@ def _add_predict_risk(sub: argparse._SubParsersAction) -> None:
                        description="Score every case of a folder with a prognosis model (log relative hazard, "
                                    "higher = earlier relapse): CSV columns case, risk, modalities, clinical. "
                                    "--modalities picks the input modalities as for `pemma predict`.")
-    p.add_argument("-i", required=True, help="input folder (nnU-Net naming: CASE_0000.nii.gz, ...)")
-    p.add_argument("-o", required=True, help="output CSV")
-    p.add_argument("-d", required=True, help="dataset the model was trained on (id or name)")
-    p.add_argument("-c", required=True, help="configuration, e.g. 3d_unetr_prognosis")
-    p.add_argument("-tr", required=True, help="trainer, e.g. PEMMAClinicalTrainer")
-    p.add_argument("-f", nargs="+", default=["0"], help="folds (their risks are averaged)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier")
-    p.add_argument("-chk", default="checkpoint_final.pth")
-    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"))
-    p.add_argument("--modalities", nargs="+", default=None, type=str.upper,
-                   help="modalities of the input channels in order, e.g. CT or CT PET (default: as trained)")
+    _model_arguments(p, output="output CSV", configuration="3d_unetr_prognosis", trainer="PEMMAClinicalTrainer",
+                     folds="folds (their risks are averaged)")
     p.add_argument("--outcomes", default=None,
                    help="outcomes.json (or the raw dataset folder holding it) with the cases' clinical rows, for "
                         "models that take clinical data (default: the model's dataset's)")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from nnunetv2_pemma.data.centers import TRAINING_CENTERS_2022
 from nnunetv2_pemma.experiments.protocol import nnunet_environment
-from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs, success_marker
+from nnunetv2_pemma.experiments.scheduler import Job, success_marker
 from nnunetv2_pemma.plans import load_preset, preset_names
 
 CT_DATASET, CTPET_DATASET = 611, 612
@@ -216,20 +216,12 @@ def run_prognosis(out: Path, preset: str = "prognosis", hecktor: Path | None = N
     """Run (or resume) the prognosis jobs, score them, write prognosis.md / prognosis.csv; returns the report."""
     import pandas as pd
 
+    from nnunetv2_pemma.experiments.reproduce import run_job_graph
+
     out = out.resolve()
+    protocol, _ = run_job_graph(out, lambda data: PrognosisProtocol(out, data, preset, device), hecktor,
+                                phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
     logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = nnunet_environment(out, device)
-    if hecktor is None:
-        hecktor = out / "hecktor_phantom"
-        if not (hecktor / "imagesTr").is_dir():
-            run_job(Job("phantom", ["pemma", "phantom", str(hecktor), "--cases-per-center", str(phantom_cases),
-                                    "--size", phantom_size, "--seed", str(seed)], hecktor / "imagesTr"), env, logs)
-    protocol = PrognosisProtocol(out, hecktor.resolve(), preset, device)
-    slots = [Slot(gpu=g) for g in gpus] if gpus else cpu_slots(cpu_jobs) if device == "cpu" else [Slot()]
-    timings = run_jobs(protocol.jobs, env, logs, slots)
-    previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-    (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
     rows = score(protocol)
     table = format_table(rows)
     (out / "prognosis.md").write_text(table + "\n")

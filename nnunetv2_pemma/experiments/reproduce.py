@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from nnunetv2_pemma.experiments.claims import DEMO, Tolerances, check_claims
 from nnunetv2_pemma.experiments.protocol import Protocol, nnunet_environment
@@ -29,11 +29,15 @@ class ReproduceResult:
     timings: dict[str, float]
 
 
-def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_cases: int = 30,
-                 phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None,
-                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2) -> ReproduceResult:
-    """Run (or resume) the protocol and score it. `hecktor=None` uses a phantom drawn with `seed`."""
-    out = out.resolve()
+P = TypeVar("P")
+
+
+def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, phantom_cases: int,
+                  phantom_size: str, device: str, gpus: Sequence[str] | None, seed: int, cpu_jobs: int
+                  ) -> tuple[P, dict[str, float]]:
+    """Run (or resume) the jobs of `build(data folder)` under OUT (nnU-Net's folders there); `hecktor=None` draws a
+    phantom with `seed` first. Each job's wall time is added to OUT/timings.json. Returns the protocol and the
+    timings of this run."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = nnunet_environment(out, device)
@@ -42,11 +46,21 @@ def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_ca
         if not (hecktor / "imagesTr").is_dir():
             run_job(Job("phantom", ["pemma", "phantom", str(hecktor), "--cases-per-center", str(phantom_cases),
                                     "--size", phantom_size, "--seed", str(seed)], hecktor / "imagesTr"), env, logs)
-    protocol = Protocol(out, hecktor.resolve(), preset, device, scope)
+    protocol = build(hecktor.resolve())
     slots = [Slot(gpu=g) for g in gpus] if gpus else cpu_slots(cpu_jobs) if device == "cpu" else [Slot()]
     timings = run_jobs(protocol.jobs, env, logs, slots)
     previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
+    return protocol, timings
+
+
+def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_cases: int = 30,
+                 phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None,
+                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2) -> ReproduceResult:
+    """Run (or resume) the protocol and score it. `hecktor=None` uses a phantom drawn with `seed`."""
+    out = out.resolve()
+    protocol, timings = run_job_graph(out, lambda data: Protocol(out, data, preset, device, scope), hecktor,
+                                      phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
     rows = score_models(protocol, load_preset(preset).schedule.test_time_mirroring)
     from nnunetv2_pemma.evaluation.parameters import measure
 
