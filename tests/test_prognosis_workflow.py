@@ -119,6 +119,15 @@ def test_prognosis_misuse_is_one_line(prognosis, tmp_path):
         f"nnUNetv2_train: error: {segmentation_only} has no survival head (prognosis.*): prognosis starts from a "
         f"SurvivalUNETRTrainer checkpoint (the CT base trained with segmentation and survival) and continues from "
         f"the previous prognosis stage")
+    # early fusion's clinical stage continues from an early-fusion prognosis model, not from the CT base
+    proc = run_cli(["nnUNetv2_train", "612", CONFIG, "1", "-tr", "EarlyFusionClinicalTrainer", "-device", "cpu",
+                    "-pretrained_weights", str(prognosis["base"])], env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"nnUNetv2_train: error: {prognosis['base']} is a CT-only model; EarlyFusionClinicalTrainer continues from "
+        f"an EarlyFusionSurvivalTrainer checkpoint")
+    fold_1 = _checkpoint(env, CTPET, "EarlyFusionClinicalTrainer").parent.parent / "fold_1"
+    assert not list(fold_1.glob("*.pth"))  # (nnU-Net's own __init__ has made the folder and its log by then)
     # an existing CSV is kept
     risks = tmp_path / "risks.csv"
     risks.write_text("kept\n")
