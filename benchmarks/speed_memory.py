@@ -15,6 +15,7 @@ How
     that stays on the device (nnU-Net's noDataLoading benchmark does the same):
       - CT UNETR          UNETRTrainer on CT;
       - PEMMA adaptation  PEMMATrainer on CT+PET from a CT base (PET modules and LoRA train);
+      - PEMMA-DoRA, -priors (tokens, fusion), -MoA adaptation: the other adaptation methods' trainers, likewise;
       - PEMMA continual   PEMMAContinualTrainer on CT from a PEMMA model (LoRA trains);
       - early fusion      EarlyFusionTrainer on CT+PET from a CT base (everything trains);
       - nnU-Net U-Net     nnUNetTrainer on CT+PET, 3d_fullres as nnU-Net planned it for the phantom, at the
@@ -57,6 +58,10 @@ import measure
 import workspace
 from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer_stepTiming,
                                                                PEMMAContinualTrainer_stepTiming,
+                                                               PEMMADoRATrainer_stepTiming,
+                                                               PEMMAMoATrainer_stepTiming,
+                                                               PEMMAPriorFusionTrainer_stepTiming,
+                                                               PEMMAPriorTrainer_stepTiming,
                                                                PEMMATrainer_stepTiming, StepTiming,
                                                                UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
 
@@ -73,6 +78,12 @@ class Setup:
 SETUPS = {
     "ct_unetr": Setup("CT UNETR (UNETRTrainer, CT)", UNETRTrainer_stepTiming, "ct", "unetr", None),
     "pemma_adaptation": Setup("PEMMA adaptation (CT+PET)", PEMMATrainer_stepTiming, "ctpet", "unetr", "ct_base"),
+    "pemma_dora": Setup("PEMMA-DoRA adaptation (CT+PET)", PEMMADoRATrainer_stepTiming, "ctpet", "unetr", "ct_base"),
+    "pemma_prior": Setup("PEMMA-priors adaptation, tokens (CT+PET)", PEMMAPriorTrainer_stepTiming, "ctpet", "unetr",
+                         "ct_base"),
+    "pemma_prior_fusion": Setup("PEMMA-priors adaptation, fusion (CT+PET)", PEMMAPriorFusionTrainer_stepTiming,
+                                "ctpet", "unetr", "ct_base"),
+    "pemma_moa": Setup("PEMMA-MoA adaptation (CT+PET)", PEMMAMoATrainer_stepTiming, "ctpet", "unetr", "ct_base"),
     "pemma_continual": Setup("PEMMA continual (CT only)", PEMMAContinualTrainer_stepTiming, "ct", "unetr", "pemma"),
     "early_fusion": Setup("Early fusion (CT+PET)", EarlyFusionTrainer_stepTiming, "ctpet", "unetr", "ct_base"),
     "unet": Setup("nnU-Net 3d_fullres U-Net (CT+PET)", nnUNetTrainer_stepTiming, "ctpet", "unet", None),

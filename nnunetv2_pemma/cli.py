@@ -87,7 +87,7 @@ def _apply_adapter(args: argparse.Namespace) -> None:
 
     try:
         written = apply_adapter(Path(args.base), Path(args.adapter), Path(args.out), fold=args.fold,
-                                force=args.force, overwrite=args.overwrite)
+                                force=args.force, overwrite=args.overwrite, experts=[Path(e) for e in args.experts])
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while writing (the library turns it into KeyboardInterrupt)
         raise PemmaError(f"interrupted ({str(e) or 'Ctrl-C'}); model folder {args.out} left as it was") from None
     print(written)
@@ -106,7 +106,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 
     print(run_reproduce(Path(args.out), args.preset or "demo", hecktor=hecktor,
                         phantom_cases=args.cases_per_center or 30, phantom_size=args.size, device=args.device,
-                        gpus=args.gpus, scope=args.scope, seed=args.seed, cpu_jobs=args.cpu_jobs))
+                        gpus=args.gpus, scope=args.scope, seed=args.seed, cpu_jobs=args.cpu_jobs,
+                        adapter_methods=args.adapter_methods))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -296,6 +297,8 @@ def _add_apply_adapter(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("apply-adapter", help="CT checkpoint + adapter (safetensors) -> full nnU-Net model folder")
     p.add_argument("--base", required=True, help="checkpoint_final.pth of the CT UNETR")
     p.add_argument("--adapter", required=True, help="adapter_final.safetensors written next to a PEMMA checkpoint")
+    p.add_argument("--experts", nargs="+", default=[], metavar="FILE",
+                   help="expert files (experts/<centre>.safetensors) of a centre-routed mixture of adapters to add")
     p.add_argument("--out", required=True, help="model folder to write (plans.json, dataset.json, fold_F/)")
     p.add_argument("--fold", default=0, type=lambda f: f if f == "all" else int(f))
     p.add_argument("--force", action="store_true",
@@ -305,6 +308,8 @@ def _add_apply_adapter(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    from nnunetv2_pemma.experiments.protocol import ADAPTER_METHODS
+
     p = sub.add_parser("reproduce", help="the PEMMA paper's protocol (Table 1 split, Table 2 matrix), resumable",
                        description="CT base -> MDA adaptation -> HGJ and HMR updates (C and CP) for PEMMA, early "
                                    "and late fusion through nnU-Net's commands; CP/C/P inference on each stage's "
@@ -327,6 +332,10 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=("full", "demo"), default="full",
                    help="full: both new centres, each trained with C and with CP; demo: the adaptation stage and "
                         "new dataset 1's CT-only update")
+    p.add_argument("--adapter-methods", nargs="*", choices=sorted(ADAPTER_METHODS), default=[],
+                   metavar="METHOD",
+                   help=f"also PEMMA with these adaptation methods ({', '.join(sorted(ADAPTER_METHODS))}), as extra "
+                        f"Table 2 rows trained at every stage (segmentation protocol only)")
     p.add_argument("--cpu-jobs", type=int, default=2,
                    help="on CPU, trainings that run side by side, sharing the cores (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

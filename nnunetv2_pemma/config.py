@@ -29,6 +29,8 @@ OPTIMIZERS = ("AdamW",)
 LR_SCHEDULES = ("constant", "poly")
 TIES_METHODS = ("efron", "breslow")  # torchsurv's Cox partial likelihood with tied times
 SURVIVAL_SECTION = "survival"
+METHOD_OPTIONS = ("prior_tokens", "prior_entry", "moa_routing", "moa_experts", "moa_gate_experts")
+"""Adaptation options that shape the network of a method (beyond the method's name)."""
 
 
 def _fields_of(cls: type, section: Any, name: str) -> dict[str, Any]:
@@ -56,7 +58,12 @@ class Adaptation:
     learnable_beta: bool
     missing_modality: str  # "zero" (the paper: a zero image) or "drop" (its tokens left out)
     modality_dropout: tuple[float, float, float] | None  # [p_CP, p_C, p_P] per training sample, or none
-    method: str = "lora"  # a registered qkv adapter method: "lora" or "dora"
+    method: str = "lora"  # a registered qkv adapter method: "lora", "dora", "prior" or "moa"
+    prior_tokens: int = 10  # prior: learnable tokens per modality and presence state (Hermes: about 10)
+    prior_entry: str = "tokens"  # prior: "tokens" (new prior tokens at every block) or "fusion" (Hermes two-way)
+    moa_routing: str = "center"  # moa: which expert a sample uses: "center", "modality" (C/P/CP) or "gate"
+    moa_experts: tuple[str, ...] = ()  # moa "center": the experts' centres (the trainers fill them from the data)
+    moa_gate_experts: int = 3  # moa "gate": how many experts the learned top-1 gate chooses from
 
     @classmethod
     def parse(cls, section: Any) -> "Adaptation":
@@ -70,6 +77,7 @@ class Adaptation:
                              f"{kwargs['missing_modality']!r}")
         if not isinstance(kwargs["lora_rank"], int) or kwargs["lora_rank"] < 1:
             raise ValueError(f"lora_rank must be a positive integer, got {kwargs['lora_rank']!r}")
+        _check_method_options(kwargs)
         probs = kwargs["modality_dropout"]
         if probs is not None:
             if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
@@ -77,10 +85,34 @@ class Adaptation:
             kwargs["modality_dropout"] = tuple(float(p) for p in probs)
         return cls(**kwargs)
 
+    def with_method_options(self, other: "Adaptation") -> "Adaptation":
+        """This section with `other`'s method options (prior tokens and entry; mixture routing and experts): what a
+        continual update keeps from the model it updates, whose network they shape."""
+        return dataclasses.replace(self, **{k: getattr(other, k) for k in METHOD_OPTIONS})
+
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["modality_dropout"] = None if self.modality_dropout is None else list(self.modality_dropout)
+        out["moa_experts"] = list(self.moa_experts)
         return out
+
+
+def _check_method_options(kwargs: dict[str, Any]) -> None:
+    """The prior and mixture-of-adapters options of an ``adaptation`` section (checked whatever the method, so
+    that a preset switched to another method later is still valid)."""
+    from nnunetv2_pemma.adaptation.mixture import ROUTINGS, check_expert_keys
+    from nnunetv2_pemma.adaptation.priors import PRIOR_ENTRIES
+
+    for key in ("prior_tokens", "moa_gate_experts"):
+        value = kwargs.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if kwargs.get("prior_entry", "tokens") not in PRIOR_ENTRIES:
+        raise ValueError(f"prior_entry must be one of {list(PRIOR_ENTRIES)}, got {kwargs['prior_entry']!r}")
+    if kwargs.get("moa_routing", "center") not in ROUTINGS:
+        raise ValueError(f"moa_routing must be one of {list(ROUTINGS)}, got {kwargs['moa_routing']!r}")
+    if "moa_experts" in kwargs:
+        kwargs["moa_experts"] = check_expert_keys(kwargs["moa_experts"])
 
 
 @dataclass(frozen=True)

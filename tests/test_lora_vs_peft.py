@@ -18,8 +18,10 @@ from networks_helpers import ATTENTION_LAYERS, CLASSES, Tiny, adaptation_sizes
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear, set_adapters_enabled
 from nnunetv2_pemma.adaptation.methods import DORA, LORA, get_method, is_added, train_only
 from nnunetv2_pemma.errors import PlansError
+from nnunetv2_pemma.plans import load_preset
 
 D_IN, D, RANK, ALPHA = 20, 24, 4, 8  # scaling 2, so a wrong scaling cannot pass
+SECTION = dataclasses.replace(load_preset("tiny").adaptation, lora_rank=RANK, lora_alpha=ALPHA)
 METHODS_AND_BIAS = [(m, b) for m in ("lora", "dora") for b in (False, True)]
 
 
@@ -66,7 +68,7 @@ def peft_reference(ours: LoRAQKVLinear, copy_adapters: bool = True) -> SeparateQ
 
 def ours_trained(method: str, bias: bool) -> LoRAQKVLinear:
     """Our layer with non-trivial factors and magnitudes, as after some training."""
-    layer = get_method(method).wrap_qkv(nn.Linear(D_IN, 3 * D, bias=bias), RANK, ALPHA)
+    layer = get_method(method).wrap_qkv(nn.Linear(D_IN, 3 * D, bias=bias), SECTION)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "lora_B" in name:
@@ -117,7 +119,7 @@ def test_outputs_and_gradients_equal_peft(method, bias):
 
 
 def test_dora_magnitudes_are_initialised_as_peft():
-    ours = DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA)
+    ours = DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), SECTION)
     ref = peft_reference(ours, copy_adapters=False)  # peft's own init: norms of the base Q and V rows
     torch.testing.assert_close(ours.lora_magnitude_q, ref.q.lora_magnitude_vector["default"].weight)
     torch.testing.assert_close(ours.lora_magnitude_v, ref.v.lora_magnitude_vector["default"].weight)
@@ -143,7 +145,7 @@ def test_merged_weight_matches_forward_and_peft_merge(method, bias):
 @pytest.mark.parametrize(("method", "bias"), METHODS_AND_BIAS)
 def test_layer_is_the_base_at_init_and_when_disabled(method, bias):
     base = nn.Linear(D_IN, 3 * D, bias=bias)
-    layer = get_method(method).wrap_qkv(base, RANK, ALPHA)
+    layer = get_method(method).wrap_qkv(base, SECTION)
     assert type(layer) is LoRAQKVLinear and layer.use_dora == (method == "dora")
     assert layer.weight is base.weight and layer.bias is base.bias and layer.scaling == 2.0
     added = {"lora_A_q", "lora_B_q", "lora_A_v", "lora_B_v"}
@@ -181,14 +183,14 @@ def test_layer_rejects_bad_arguments():
         LoRAQKVLinear(nn.Linear(D_IN, 3 * D), rank=0, alpha=ALPHA)
     for method in (LORA, DORA):  # wrapping an adapter again would silently drop its factors
         with pytest.raises(ValueError, match="plain fused qkv nn.Linear, got LoRAQKVLinear"):
-            method.wrap_qkv(DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA), RANK, ALPHA)
+            method.wrap_qkv(DORA.wrap_qkv(nn.Linear(D_IN, 3 * D), SECTION), SECTION)
 
 
-def test_registry_wraps_qkv_with_lora_or_dora_only():
+def test_registry_wraps_qkv_with_lora_or_dora():
     with pytest.raises(PlansError, match="'ia3'"):
         get_method("ia3")
     assert get_method("lora") is LORA and get_method("dora") is DORA
-    lora, dora = (m.wrap_qkv(nn.Linear(D_IN, 3 * D), RANK, ALPHA) for m in (LORA, DORA))
+    lora, dora = (m.wrap_qkv(nn.Linear(D_IN, 3 * D), SECTION) for m in (LORA, DORA))
     assert type(lora) is LoRAQKVLinear and not lora.use_dora
     assert type(dora) is LoRAQKVLinear and dora.use_dora
 

@@ -95,7 +95,7 @@ def test_every_attention_layer_is_wrapped_once_by_the_method(tiny, method):
 
 
 def test_unknown_method_is_rejected(tiny):
-    with pytest.raises(PlansError, match=r"adaptation method 'ia3' is not one of \['lora', 'dora'\]"):
+    with pytest.raises(PlansError, match=r"adaptation method 'ia3' is not one of \['lora', 'dora', 'prior', 'moa'\]"):
         tiny.pemma(method="ia3")
 
 
@@ -444,7 +444,14 @@ def preset_file(tmp_path: Path, name: str, change: dict) -> str:
     ("tiny", {"adaptation": {"modality_dropout": [0.5, 0.5, 0.5]}},
      r"modality_dropout must be probabilities \[p_CP, p_C, p_P\] summing to 1, got \[0.5, 0.5, 0.5\]"),
     ("swin_tiny", {"adaptation": {"modality_dropout": [0.5, 0.5]}}, "modality_dropout must be probabilities"),
-    ("tiny", {"adaptation": {"method": "vera"}}, r"adaptation method must be one of \['lora', 'dora'\], got 'vera'"),
+    ("tiny", {"adaptation": {"method": "vera"}},
+     r"adaptation method must be one of \['lora', 'dora', 'prior', 'moa'\], got 'vera'"),
+    ("tiny", {"adaptation": {"prior_entry": "sideways"}}, r"prior_entry must be one of \['tokens', 'fusion'\]"),
+    ("tiny", {"adaptation": {"prior_tokens": 0}}, "prior_tokens must be a positive integer, got 0"),
+    ("tiny", {"adaptation": {"moa_routing": "random"}},
+     r"moa_routing must be one of \['center', 'modality', 'gate'\], got 'random'"),
+    ("tiny", {"adaptation": {"moa_experts": ["CHUM", "CHUM"]}}, r"moa_experts has duplicates"),
+    ("tiny", {"adaptation": {"moa_experts": ["a.b"]}}, r"moa expert name 'a.b' must be letters"),
 ])
 def test_bad_preset_is_a_one_line_error_naming_its_file(tmp_path, preset, change, message):
     path = preset_file(tmp_path, preset, change)

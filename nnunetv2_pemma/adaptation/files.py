@@ -4,6 +4,10 @@ Because the base parameter names never change inside a PEMMA network, an adapter
 adaptation method declares as its own (`methods.is_added`). Several centres' adapters can share one CT
 checkpoint; `apply_adapter` rebuilds a full nnU-Net model folder from the two, and refuses a CT checkpoint other
 than the one the adapter was trained on (`provenance`): any other loads without complaint and gives another model.
+
+A mixture of adapters also writes one file per expert it trained (`experts/<key>.safetensors`, the same format:
+the expert's tensors, the run's metadata and its CT base's fingerprint). One CT base, the adaptation stage's
+adapter and N centres' expert files make a model: `apply_adapter(..., experts=[...])`.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -19,16 +23,19 @@ from safetensors.torch import save_file
 
 from nnunetv2_pemma.adaptation.methods import is_added
 from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
+from nnunetv2_pemma.config import PEMMA_KEY
 from nnunetv2_pemma.errors import CheckpointError, PemmaError, warn
 from nnunetv2_pemma.filesystem import replace_folder, sigterm_as_interrupt
 
 ADAPTER_FILE = "adapter_final.safetensors"
+EXPERTS_FOLDER = "experts"
+EXPERT_KEY = "moa_expert"  # metadata: which expert an expert file holds
 _SHOWN = 12  # hex digits of a fingerprint shown in messages
 
 
 def save_adapter(state_dict: Mapping[str, torch.Tensor], path: Path, *, trainer_name: str, configuration: str,
                  plans: dict[str, Any], dataset_json: dict[str, Any], mirroring_axes: Any,
-                 base_file: str | None = None) -> Path:
+                 base_file: str | None = None, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write the adapter tensors of `state_dict` with what nnU-Net needs to rebuild the network as metadata, and
     the fingerprint of its (frozen) base tensors plus `base_file`, so that `apply_adapter` can check the base."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if is_added(k)}
@@ -40,10 +47,21 @@ def save_adapter(state_dict: Mapping[str, torch.Tensor], path: Path, *, trainer_
                 FINGERPRINT_KEY: base_fingerprint(state_dict)}
     if base_file is not None:
         metadata[BASE_FILE_KEY] = str(base_file)
+    metadata.update(extra_metadata or {})
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
     return path
+
+
+def save_expert(state_dict: Mapping[str, torch.Tensor], key: str, folder: Path, **metadata: Any) -> Path:
+    """Write expert `key` of a mixture network's `state_dict` to `folder/<key>.safetensors` (`save_adapter`'s
+    format and metadata, plus the expert's key)."""
+    from nnunetv2_pemma.adaptation.mixture import expert_parameter_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    own = {k: v for k, v in state_dict.items() if not is_added(k) or expert_parameter_key(k) == key}
+    return save_adapter(own, folder / f"{key}.safetensors", **metadata, extra_metadata={EXPERT_KEY: key})
 
 
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -147,10 +165,39 @@ def _validate(folder: Path, fold: int | str, base_checkpoint: Path, adapter: Pat
         raise CheckpointError(f"{base_checkpoint} + {adapter} do not make the adapted network: {reason}") from None
 
 
+def _with_experts(tensors: dict[str, torch.Tensor], meta: dict[str, str], adapter: Path, experts: Sequence[Path],
+                  fingerprint: str, base_checkpoint: Path, force: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors with each expert file's expert added (or replaced), and its plans listing them."""
+    from nnunetv2_pemma.adaptation.mixture import expert_parameter_key
+
+    plans = _metadata_json(meta, "plans", adapter)
+    adaptation = plans["configurations"][meta["configuration"]][PEMMA_KEY]["adaptation"]
+    if adaptation.get("method") != "moa" or adaptation.get("moa_routing") != "center":
+        raise CheckpointError(f"{adapter}: expert files extend a centre-routed mixture of adapters; this adapter's "
+                              f"method is {adaptation.get('method', 'lora')}")
+    keys, seen = list(adaptation.get("moa_experts", [])), set()
+    for path in experts:
+        _require_file(path, "expert file")
+        expert_tensors, expert_meta = read_adapter(path)
+        key = expert_meta.get(EXPERT_KEY)
+        if key is None:
+            raise CheckpointError(f"{path}: not an expert file (its metadata names no {EXPERT_KEY})")
+        if key in seen:
+            raise CheckpointError(f"{path}: a second file for expert {key}")
+        seen.add(key)
+        _check_base(expert_meta, fingerprint, base_checkpoint, path, force)
+        tensors = {**{k: v for k, v in tensors.items() if expert_parameter_key(k) != key}, **expert_tensors}
+        keys += [] if key in keys else [key]
+    adaptation["moa_experts"] = keys
+    return tensors, {**meta, "plans": json.dumps(plans)}
+
+
 def apply_adapter(base_checkpoint: Path, adapter: Path, out_folder: Path, fold: int | str = 0, *,
-                  force: bool = False, overwrite: bool = False) -> Path:
+                  force: bool = False, overwrite: bool = False, experts: Sequence[Path] = ()) -> Path:
     """Write the model folder `out_folder/{plans.json, dataset.json, fold_F/checkpoint_final.pth}` = CT base +
-    adapter, if the base is the one the adapter was trained on (`force`: any base, with a warning).
+    adapter (+ the `experts` files of a mixture of adapters), if the base is the one the adapter and experts were
+    trained on (`force`: any base, with a warning).
 
     The folder is first written to a temporary place, where nnU-Net's predictor builds the network from it and
     loads the weights strictly: a base or adapter that does not fit fails there with the keys that differ, not
@@ -159,10 +206,12 @@ def apply_adapter(base_checkpoint: Path, adapter: Path, out_folder: Path, fold: 
     """
     _require_file(base_checkpoint, "CT base checkpoint")
     _require_file(adapter, "adapter")
-    _check_output(out_folder, (base_checkpoint, adapter), overwrite)
+    _check_output(out_folder, (base_checkpoint, adapter, *experts), overwrite)
     base, tensors, meta = _read_inputs(base_checkpoint, adapter)
     fingerprint = base_fingerprint(base["network_weights"])
     _check_base(meta, fingerprint, base_checkpoint, adapter, force)
+    if experts:
+        tensors, meta = _with_experts(tensors, meta, adapter, experts, fingerprint, base_checkpoint, force)
     pemma_base = {FINGERPRINT_KEY: fingerprint, BASE_FILE_KEY: str(base_checkpoint.resolve())}
     checkpoint = _adapted_checkpoint(base, tensors, meta, adapter, fold, pemma_base)
     with sigterm_as_interrupt():  # nothing is written before this block

@@ -7,23 +7,30 @@ mixtures of adapters) joins with one :func:`register` call and no edit elsewhere
 
 Stages: "adaptation" (CT base -> CT+PET, the base frozen), "continual" (updates on new data, any modality) and
 "clinical" (a CT+PET prognosis model -> CT+PET+clinical: the clinical token and the qkv adapters train).
+
+The qkv methods (a preset's ``adaptation.method``): LoRA, DoRA, context priors (LoRA plus prior tokens,
+``priors.py``) and a mixture of LoRA experts (``mixture.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
+from nnunetv2_pemma.adaptation.mixture import MoALoRAQKVLinear, expert_keys
 from nnunetv2_pemma.errors import PlansError
+
+if TYPE_CHECKING:
+    from nnunetv2_pemma.config import Adaptation
 
 Stage = Literal["adaptation", "continual", "clinical"]
 STAGES: tuple[Stage, ...] = ("adaptation", "continual", "clinical")
 
-QKVWrapper = Callable[[nn.Linear, int, float], nn.Module]
+QKVWrapper = Callable[[nn.Linear, "Adaptation"], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,8 @@ class AdapterMethod:
         name: its name in presets (``adaptation.method``) and in the registry.
         prefixes: every parameter (or buffer) it adds has a name part starting with one of these.
         trains: per stage, the prefixes whose parameters train (the rest of the network is frozen).
-        wrap_qkv: for methods that adapt attention, how a fused qkv ``nn.Linear`` is wrapped (rank, alpha).
+        wrap_qkv: for methods that adapt attention, how a fused qkv ``nn.Linear`` is wrapped for a preset's
+            adaptation section.
     """
 
     name: str
@@ -55,10 +63,19 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 
 def _lora(use_dora: bool) -> QKVWrapper:
-    def wrap(linear: nn.Linear, rank: int, alpha: float) -> nn.Module:
-        return LoRAQKVLinear(linear, rank, alpha, use_dora=use_dora)
+    def wrap(linear: nn.Linear, adaptation: Adaptation) -> nn.Module:
+        return LoRAQKVLinear(linear, adaptation.lora_rank, adaptation.lora_alpha, use_dora=use_dora)
 
     return wrap
+
+
+def _mixture(linear: nn.Linear, adaptation: Adaptation) -> nn.Module:
+    keys = expert_keys(adaptation.moa_routing, adaptation.moa_experts, adaptation.moa_gate_experts)
+    if not keys:
+        raise PlansError("a centre-routed mixture of adapters needs its experts' centres (adaptation.moa_experts); "
+                         "the MoA trainers fill them in from the training data")
+    return MoALoRAQKVLinear(linear, adaptation.lora_rank, adaptation.lora_alpha, keys,
+                            gate=adaptation.moa_routing == "gate")
 
 
 MODALITY_SLOTS = register(AdapterMethod(
@@ -72,6 +89,14 @@ LORA = register(AdapterMethod("lora", prefixes=("lora_",), trains={s: ("lora_",)
                               wrap_qkv=_lora(use_dora=False)))
 DORA = register(AdapterMethod("dora", prefixes=("lora_",), trains={s: ("lora_",) for s in STAGES},
                               wrap_qkv=_lora(use_dora=True)))
+PRIOR = register(AdapterMethod("prior", prefixes=("lora_", "prior_"),
+                               trains={"adaptation": ("lora_", "prior_"), "continual": ("lora_", "prior_"),
+                                       "clinical": ("lora_",)},
+                               wrap_qkv=_lora(use_dora=False)))
+"""LoRA on Q and V plus the network's ``prior_context`` (prior tokens, and for Hermes-style entry its fusion)."""
+MOA = register(AdapterMethod("moa", prefixes=("moa_",), trains={s: ("moa_",) for s in STAGES}, wrap_qkv=_mixture))
+"""LoRA experts (``moa_experts.<key>``) and, with gate routing, ``moa_gate``; which experts a continual update
+trains is the trainer's choice (the new centre's), see ``trainers/adaptation/mixture.py``."""
 
 
 def qkv_methods() -> tuple[str, ...]:

@@ -3,6 +3,7 @@ size of a PEMMA adapter file next to a full nnU-Net checkpoint of the same netwo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
 from pathlib import Path
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nnunetv2_pemma.adaptation.methods import is_added, train_only
-from nnunetv2_pemma.config import MODALITIES
+from nnunetv2_pemma.adaptation.methods import is_added, qkv_methods, train_only
+from nnunetv2_pemma.config import MODALITIES, Adaptation, PemmaBlock
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.build import build_early_fusion, build_pemma_network, build_plain_network
 from nnunetv2_pemma.networks.modality_slots import count_parameters
@@ -32,8 +33,43 @@ def _checkpoint_bytes(network: torch.nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
+def _method_rows(block: PemmaBlock, patch: tuple[int, ...]) -> list[dict]:
+    """PEMMA with each adaptation method other than the preset's (at the preset's rank), adaptation stage; a
+    centre-routed mixture with one expert (each further centre adds one LoRA's worth)."""
+    rows = []
+    for name in qkv_methods():
+        if name == block.adaptation.method:
+            continue
+        options = {"method": name}
+        if name == "moa" and block.adaptation.moa_routing == "center" and not block.adaptation.moa_experts:
+            options["moa_experts"] = ("CENTRE",)
+        try:
+            net = build_pemma_network(dataclasses.replace(
+                block, adaptation=dataclasses.replace(block.adaptation, **options)), NUM_CLASSES, patch)
+        except PlansError:  # a method the backbone does not support (prior tokens on SwinUNETR)
+            continue
+        train_only(net, "adaptation")
+        total, trainable = count_parameters(net)
+        rows.append({"method": f"PEMMA ({_describe(net.adaptation)})", "trainable": trainable, "total": total,
+                     "paper": ""})
+    return rows
+
+
+def _describe(adaptation: Adaptation) -> str:
+    text = f"{adaptation.method}, r={adaptation.lora_rank}"
+    if adaptation.method == "prior":
+        return f"{text}, {adaptation.prior_tokens} prior tokens per modality and state, entry {adaptation.prior_entry}"
+    if adaptation.method == "moa":
+        layer = adaptation.moa_routing
+        experts = (len(adaptation.moa_experts) if layer == "center" else 3 if layer == "modality"
+                   else adaptation.moa_gate_experts)
+        return f"{text}, {experts} expert{'s' if experts > 1 else ''}, {layer} routing"
+    return text
+
+
 def measure(preset_name: str) -> list[dict]:
-    """One row per method (CT base, early fusion when the backbone has it, late fusion, PEMMA); the last is PEMMA."""
+    """One row per method (CT base, early fusion when the backbone has it, late fusion, PEMMA with each other
+    adaptation method, PEMMA as the preset says); the last is the preset's PEMMA."""
     preset = load_preset(preset_name)
     block, patch = preset.block(MODALITIES), preset.patch_size
     architecture = preset.model.architecture
@@ -50,7 +86,8 @@ def measure(preset_name: str) -> list[dict]:
         pass
     rows += [
         {"method": f"Late fusion (CT + PET {architecture})", "trainable": phi, "total": 2 * phi, "paper": "2 x Phi"},
-        {"method": f"PEMMA ({preset.adaptation.method}, r={preset.adaptation.lora_rank})",
+        *_method_rows(block, patch),
+        {"method": f"PEMMA ({_describe(preset.adaptation)})",
          "trainable": pemma_trainable, "total": pemma_total, "paper": "0.08 x Phi"},
     ]
     with tempfile.TemporaryDirectory() as tmp:

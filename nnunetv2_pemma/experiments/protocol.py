@@ -8,7 +8,8 @@ with CP, C and P input on its stage's fold-0 validation cases, and so are the ad
 centre's cases ("before the update": the reference that forgetting is measured against).
 
 The demo scope keeps what the claims need within 15 minutes on two cores: the adaptation stage and new dataset
-1's CT-only update (the forgetting test).
+1's CT-only update (the forgetting test). Other adaptation methods (DoRA, context priors, a mixture of adapters)
+join as further PEMMA rows, trained like PEMMA at every stage (`adapter_methods`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+ADAPTER_METHODS: dict[str, tuple[str, str, str]] = {
+    "dora": ("PEMMA-DoRA", "PEMMADoRATrainer", "PEMMADoRAContinualTrainer"),
+    "prior": ("PEMMA-priors", "PEMMAPriorTrainer", "PEMMAPriorContinualTrainer"),
+    "moa": ("PEMMA-MoA", "PEMMAMoATrainer", "PEMMAMoAContinualTrainer"),
+}
+"""Adaptation methods besides LoRA: their Table 2 row name, adaptation trainer and continual trainer."""
+
+
 @dataclass(frozen=True)
 class Model:
     """One trained model of the Table 2 matrix: how to predict CP, C and P with it."""
@@ -54,10 +63,15 @@ class Model:
 class Protocol:
     """The jobs and models of one reproduction run in OUT (nnU-Net folders under OUT/nnUNet_*)."""
 
-    def __init__(self, out: Path, data: Path, preset: str, device: str, scope: str = "full") -> None:
+    def __init__(self, out: Path, data: Path, preset: str, device: str, scope: str = "full",
+                 adapter_methods: Sequence[str] = ()) -> None:
         if scope not in SCOPES:
             raise PemmaError(f"reproduce: scope {scope!r} is not one of {sorted(SCOPES)}")
+        unknown = sorted(set(adapter_methods) - set(ADAPTER_METHODS))
+        if unknown:
+            raise PemmaError(f"reproduce: adapter methods {unknown} are not among {sorted(ADAPTER_METHODS)}")
         self.out, self.data, self.preset_name, self.device, self.scope = out, data, preset, device, scope
+        self.adapter_methods = tuple(adapter_methods)
         self.config = load_preset(preset).configuration
         # models trained from scratch (CT base, PET model) may have a longer preset of the same network
         self.base_preset = f"{preset}_base" if f"{preset}_base" in preset_names() else preset
@@ -128,6 +142,12 @@ class Protocol:
         adapted = [Model("Late fusion", ADAPTATION, "CP", 501, "UNETRTrainer", base_cfg, 503, base_cfg),
                    Model("Early fusion", ADAPTATION, "CP", 502, "EarlyFusionTrainer", cfg),
                    Model("PEMMA", ADAPTATION, "CP", 502, "PEMMATrainer", cfg)]
+        # PEMMA with another adaptation method: (row name, its adaptation job, its continual trainer)
+        others = []
+        for method in self.adapter_methods:
+            name, adapting, continual = ADAPTER_METHODS[method]
+            others.append((name, self._train(502, adapting, [cp, base_job], base), continual, adapting))
+            adapted.append(Model(name, ADAPTATION, "CP", 502, adapting, cfg))
         self.models += adapted
 
         for stage, trained in SCOPES[self.scope].items():
@@ -152,6 +172,9 @@ class Protocol:
                             self.checkpoint(502, "EarlyFusionTrainer"))
                 self.models += [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
                                 Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
+                for name, adapting_job, continual, adapting in others:
+                    self._train(dataset_id, continual, [ready[train], adapting_job], self.checkpoint(502, adapting))
+                    self.models.append(Model(name, stage, train, dataset_id, continual, cfg))
             # late fusion: the CT model is fine-tuned on the new CT data; with CP data the PET model is too
             self._train(c_id, "UNETRTrainer", [ready.get("C") or self._transfer(c_id, [self._convert(
                 c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])]), base_job], base)

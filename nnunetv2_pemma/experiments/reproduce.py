@@ -56,11 +56,13 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
 
 def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_cases: int = 30,
                  phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None,
-                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2) -> ReproduceResult:
-    """Run (or resume) the protocol and score it. `hecktor=None` uses a phantom drawn with `seed`."""
+                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2, adapter_methods: Sequence[str] = ()
+                 ) -> ReproduceResult:
+    """Run (or resume) the protocol and score it. `hecktor=None` uses a phantom drawn with `seed`;
+    `adapter_methods` adds PEMMA rows with other adaptation methods (`protocol.ADAPTER_METHODS`)."""
     out = out.resolve()
-    protocol, timings = run_job_graph(out, lambda data: Protocol(out, data, preset, device, scope), hecktor,
-                                      phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
+    protocol, timings = run_job_graph(out, lambda data: Protocol(out, data, preset, device, scope, adapter_methods),
+                                      hecktor, phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
     rows = score_models(protocol, load_preset(preset).schedule.test_time_mirroring)
     from nnunetv2_pemma.evaluation.parameters import measure
 

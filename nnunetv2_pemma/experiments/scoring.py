@@ -52,11 +52,11 @@ def _link_inputs(protocol: Protocol, stage: str, cases: list[str]) -> dict[str, 
     return folders
 
 
-def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Path, tta: bool,
+def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Path, cases: list[str], tta: bool,
              missing_modality: str | None = None) -> None:
     """One model's segmentations of the cases in `inputs` (the channels of `infer`) into `out`."""
     from nnunetv2_pemma.inference.late_fusion import ModelRef, predict_late_fusion
-    from nnunetv2_pemma.inference.predictor import build_predictor, model_folder_of
+    from nnunetv2_pemma.inference.predictor import build_predictor, model_folder_of, run_predictor
 
     if model.method == "Late fusion":
         ct = ModelRef(protocol.dataset_name(model.dataset), model.trainer, model.config)
@@ -67,9 +67,8 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
     folder = model_folder_of(protocol.dataset_name(model.dataset), model.trainer, model.config, "nnUNetPlans")
     predictor = build_predictor(folder, [0], list(INFER[infer]),
                                 device=protocol.device, tta=tta, missing_modality=missing_modality)
-    # in-process: worker pools would each import torch again, which costs more than a few cases take
     out.mkdir(parents=True, exist_ok=True)
-    predictor.predict_from_files_sequential(str(inputs), str(out), save_probabilities=False, overwrite=True)
+    run_predictor(predictor, inputs, out, cases, len(INFER[infer]))
 
 
 def score_models(protocol: Protocol, tta: bool) -> list[dict]:
@@ -92,7 +91,7 @@ def score_models(protocol: Protocol, tta: bool) -> list[dict]:
             slug = method.replace(" ", "_").replace("(", "").replace(")", "")
             out = protocol.out / "evaluation" / _stage_slug(model.stage) / f"{slug}_{model.train}_{infer}"
             if not all((out / f"{c}.nii.gz").exists() for c in cases):
-                _predict(protocol, model, infer, folders[infer], out, tta, missing)
+                _predict(protocol, model, infer, folders[infer], out, cases, tta, missing)
             result = evaluate_folders(out, folders["gt"], LABELS)
             tumour, lymph = (result.mean[label]["dice"] for label in LABELS)
             rows.append({"method": method, "stage": model.stage, "train": model.train, "infer": infer,

@@ -97,6 +97,39 @@ def _use_plans(predictor: nnUNetPredictor, plans: dict[str, Any], dataset_json: 
                                     dataset_json, predictor.trainer_name, predictor.allowed_mirroring_axes)
 
 
+def run_predictor(predictor: nnUNetPredictor, input_dir: Path, output_dir: Path, cases: Sequence[str],
+                  channels: int, num_processes: int = 0) -> None:
+    """nnU-Net's predictor on `cases` (`{case}_0000.nii.gz`... in `input_dir`) into `output_dir`; a centre-routed
+    mixture of adapters predicts centre by centre, each routed to its centre's expert. num_processes 0: in this
+    process (quicker for a few cases: each worker imports torch again)."""
+    for center, group in _center_groups(predictor.network, cases):
+        if center is not None:
+            predictor.network.set_centers(center)
+        inputs = [[str(input_dir / f"{case}_{c:04d}.nii.gz") for c in range(channels)] for case in group]
+        outputs = [str(output_dir / case) for case in group]
+        if num_processes == 0:
+            predictor.predict_from_files_sequential(inputs, outputs, save_probabilities=False, overwrite=True)
+        else:
+            predictor.predict_from_files(inputs, outputs, save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=num_processes,
+                                         num_processes_segmentation_export=num_processes)
+
+
+def _center_groups(network: torch.nn.Module, cases: Sequence[str]) -> list[tuple[str | None, list[str]]]:
+    """The cases by centre for a centre-routed mixture of adapters, which routes each case to its centre's expert
+    (nnU-Net's predictor passes the network images only, so each centre is predicted as one group); else one group.
+    """
+    adaptation = getattr(network, "adaptation", None)
+    if adaptation is None or adaptation.method != "moa" or adaptation.moa_routing != "center":
+        return [(None, list(cases))]
+    from nnunetv2_pemma.data.centers import center_of
+
+    groups: dict[str, list[str]] = {}
+    for case in cases:
+        groups.setdefault(center_of(case), []).append(case)
+    return sorted(groups.items())
+
+
 def model_folder_of(dataset: str | int, trainer: str, configuration: str, plans_identifier: str) -> Path:
     """nnU-Net's results folder of a trained model."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -125,12 +158,8 @@ def predict(input_dir: Path, output_dir: Path, dataset: str | int, configuration
     predictor = build_predictor(model_folder, folds, modalities, checkpoint_name, device, tta, missing_modality)
     target = output_dir if crop_records is None else output_dir / "cropped_grid"
     target.mkdir(parents=True, exist_ok=True)
-    if num_processes == 0:
-        predictor.predict_from_files_sequential(str(input_dir), str(target), save_probabilities=False, overwrite=True)
-    else:
-        predictor.predict_from_files(str(input_dir), str(target), save_probabilities=False, overwrite=True,
-                                     num_processes_preprocessing=num_processes,
-                                     num_processes_segmentation_export=num_processes)
+    run_predictor(predictor, input_dir, target, cases, len(modalities) if modalities else len(trained),
+                  num_processes)
     written = sorted(target.glob("*.nii.gz"))
     if crop_records is None:
         return written

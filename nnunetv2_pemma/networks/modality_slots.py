@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 from nnunetv2_pemma.adaptation.methods import MODALITY_SLOTS, AdapterMethod, get_method, is_added
+from nnunetv2_pemma.adaptation.mixture import moa_layers, routing_weights
 from nnunetv2_pemma.config import MODALITIES, Adaptation
 from nnunetv2_pemma.networks.mismatch import IncompatibleBaseError, base_mismatches
 
@@ -79,9 +80,13 @@ class ModalitySlots(nn.Module):
         method = get_method(adaptation.method)
         self.adapter_methods = (MODALITY_SLOTS, method)
         for parent in self.attention_layers():
-            parent.qkv = method.wrap_qkv(parent.qkv, adaptation.lora_rank, adaptation.lora_alpha)
+            parent.qkv = method.wrap_qkv(parent.qkv, adaptation)
+        if method.name == "prior":
+            self.prior_context = self.context_priors(adaptation)
         self.adaptation = adaptation
         self.input_modalities = check_modalities(input_modalities)
+        self.centers: Sequence[str | None] | str | None = None
+        self.present: torch.Tensor | None = None  # (B, 2) bool of the running forward: CT, PET held
 
     # --- what a backbone implements (each PEMMA backbone overrides all of these) ----------------------------------------------------------------------------
     def attention_layers(self) -> list[nn.Module]:
@@ -109,25 +114,51 @@ class ModalitySlots(nn.Module):
         """The hyper-parameters behind the differences between a base state dict and this network's base."""
         raise NotImplementedError
 
+    def context_priors(self, adaptation: Adaptation) -> nn.Module:
+        """The ``prior`` method's module (``adaptation.priors.ContextPriors``), which ``encode`` must use."""
+        raise NotImplementedError
+
     # --- shared ------------------------------------------------------------------------------------------------
     def set_input_modalities(self, modalities: Sequence[str]) -> None:
         """Declare which modalities the input channels hold, in order (flexible C, P or CP inference)."""
         self.input_modalities = check_modalities(modalities)
 
+    def set_centers(self, centers: Sequence[str | None] | str | None) -> None:
+        """The centre of each sample of the next forwards (one name: every sample's; None: unknown), which a
+        centre-routed mixture of adapters routes by."""
+        self.centers = centers
+
+    def route(self, present: torch.Tensor) -> None:
+        """Tell the routed adapters what each sample holds before the forward: ``present`` (B, 2) bool, CT and PET.
+        MONAI's attention passes its qkv layer nothing but the tokens, so the mixture's weights are set on the
+        layers here; prior tokens read ``self.present``."""
+        self.present = present
+        layers = moa_layers(self)
+        if not layers:
+            return
+        centers = [self.centers] * len(present) if isinstance(self.centers, str) else self.centers
+        weights = routing_weights(self.adaptation.moa_routing, layers[0].keys, present, centers)
+        for layer in layers:
+            layer.route = weights
+
     def split_modalities(self, x_in: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Split (B, C_in, D, H, W) into CT and PET, each (B, 1, D, H, W), or None if absent in "drop" mode;
-        in training, modality dropout blanks one of them per sample."""
+        in training, modality dropout blanks one of them per sample. Routes the adapters by what each sample
+        holds (``route``)."""
         if x_in.shape[1] != len(self.input_modalities):
             raise ValueError(
                 f"input has {x_in.shape[1]} channels, expected {len(self.input_modalities)} ({self.input_modalities})"
             )
         channels = {m: x_in[:, i : i + 1] for i, m in enumerate(self.input_modalities)}
         ct, pet = channels.get("CT"), channels.get("PET")
+        present = torch.tensor([[ct is not None, pet is not None]]).expand(x_in.shape[0], 2)
         probs = self.adaptation.modality_dropout
         if self.training and probs is not None and ct is not None and pet is not None:
             keep_ct, keep_pet = sample_modality_masks(probs, x_in.shape[0])
             ct = ct * keep_ct.view(-1, 1, 1, 1, 1).to(ct)
             pet = pet * keep_pet.view(-1, 1, 1, 1, 1).to(pet)
+            present = torch.stack([keep_ct, keep_pet], dim=1)
+        self.route(present)
         if self.adaptation.missing_modality == "zero":  # the paper: a missing modality is a zero image
             ct = torch.zeros_like(pet) if ct is None else ct
             pet = torch.zeros_like(ct) if pet is None else pet

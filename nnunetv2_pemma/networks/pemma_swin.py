@@ -14,6 +14,7 @@ import torch.nn as nn
 from monai.networks.nets import SwinUNETR
 
 from nnunetv2_pemma.config import MODALITIES, Adaptation
+from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.backbones.swin import SwinUNETRSpec, explain_swin_mismatch
 from nnunetv2_pemma.networks.modality_slots import ModalitySlots, fresh_copy
 
@@ -47,6 +48,11 @@ class PEMMASwinUNETR(ModalitySlots, SwinUNETR):
 
     def patch_embeddings(self) -> tuple[nn.Module, nn.Module]:
         return self.swinViT.patch_embed, self.pet_patch_embed
+
+    def context_priors(self, adaptation: Adaptation) -> nn.Module:
+        raise PlansError("adaptation method 'prior' needs a ViT with global attention (UNETR): SwinUNETR's "
+                         "shifted-window attention has no token sequence to add prior tokens to; use lora, dora "
+                         "or moa")
 
     def zero_pet_patch_embedding(self) -> None:
         """The CT embedding's bias (and norm) with a zero projection weight: PET features start independent of the

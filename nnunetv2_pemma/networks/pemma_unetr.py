@@ -9,6 +9,7 @@ import torch.nn as nn
 from monai.networks.blocks import PatchEmbeddingBlock
 from monai.networks.nets import UNETR
 
+from nnunetv2_pemma.adaptation.priors import ContextPriors
 from nnunetv2_pemma.config import MODALITIES, Adaptation
 from nnunetv2_pemma.networks.backbones.unetr import (UNETREncoding, UNETRSpec, _explain, enable_sdpa,
                                                      freeze_unused_norms)
@@ -21,7 +22,8 @@ class PEMMAUNETR(ModalitySlots, UNETR):
     Added to MONAI's modules (``vit.*``, ``encoder1..4``, ``decoder2..5``, ``out``): ``pet_patch_embedding`` (PET
     tokens, with their own position embeddings), ``pet_encoder1`` (PET input skip), ``pet_beta`` and the qkv
     method's ``lora_*`` tensors on every attention layer. The encoder sees 2N tokens (CT then PET); the first N
-    reach the decoder.
+    reach the decoder. The ``prior`` method adds ``prior_context`` (prior tokens per modality), which ``encode``
+    runs the ViT blocks with.
     """
 
     def __init__(self, spec: UNETRSpec, adaptation: Adaptation, out_channels: int, img_size: Sequence[int],
@@ -51,6 +53,11 @@ class PEMMAUNETR(ModalitySlots, UNETR):
     def patch_embeddings(self) -> tuple[nn.Module, nn.Module]:
         return self.vit.patch_embedding, self.pet_patch_embedding
 
+    def context_priors(self, adaptation: Adaptation) -> ContextPriors:
+        blk = self.vit.blocks[0].attn
+        return ContextPriors(blk.hidden_input_size, blk.num_heads, len(self.vit.blocks), adaptation.prior_tokens,
+                             adaptation.prior_entry)
+
     def zero_pet_patch_embedding(self) -> None:
         """Zero the PET projection: PET tokens start as bare position embeddings."""
         for p in self.pet_patch_embedding.patch_embeddings.parameters():
@@ -70,6 +77,11 @@ class PEMMAUNETR(ModalitySlots, UNETR):
             tokens.append(self.pet_patch_embedding(pet))
         n = tokens[0].shape[1]
         x = torch.cat(tokens + list(extra_tokens), dim=1)
+        if hasattr(self, "prior_context"):
+            present = self.present if self.present is not None else torch.tensor(
+                [[ct is not None, pet is not None]]).expand(x.shape[0], 2)
+            x, hidden_states = self.prior_context.run_blocks(self.vit.blocks, x, n, present)
+            return UNETREncoding(hidden_states, self.vit.norm(x[:, :n]))
         hidden_states = []
         for blk in self.vit.blocks:
             x = blk(x)

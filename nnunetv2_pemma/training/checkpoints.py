@@ -51,7 +51,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def _checkpoint_pemma_block(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+def checkpoint_pemma_block(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     init_args = checkpoint.get("init_args") or {}
     plans, configuration = init_args.get("plans"), init_args.get("configuration")
     if not plans or configuration not in plans.get("configurations", {}):
@@ -98,7 +98,7 @@ def check_compatible(path: str | Path, block: PemmaBlock, patch_size: Sequence[i
     """
     checkpoint = load_checkpoint_file(path)
     trainer = checkpoint.get("trainer_name", "an unknown trainer")
-    theirs = _checkpoint_pemma_block(checkpoint)
+    theirs = checkpoint_pemma_block(checkpoint)
     if theirs is None:
         raise CheckpointError(f"{path}: written by {trainer} with a configuration that is not a PEMMA UNETR "
                               f"(no 'pemma' block in its plans); expected a UNETR trained with a PEMMA preset")

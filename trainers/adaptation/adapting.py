@@ -10,6 +10,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_plain_network
 from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
@@ -47,6 +48,13 @@ class AdaptingTrainer(UNETRTrainer):
         self._converting = False
         self._pretrained: str | None = None
 
+    def inherit(self, theirs: dict[str, Any]) -> PemmaBlock:
+        """This run's block, given the "pemma" block of the `-pretrained_weights` checkpoint: by default the
+        normalisation of the modalities this dataset lacks (PET after a CT-only update), so the updated model still
+        takes every modality it was adapted to."""
+        return dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(self.pemma,
+                                                                                                     theirs))
+
     def expected_checkpoint(self, path: str) -> str:
         """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
         return "ct_base"
@@ -80,8 +88,7 @@ class AdaptingTrainer(UNETRTrainer):
         if pretrained is not None:
             expect = self.expected_checkpoint(pretrained)
             theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
-            self._set_pemma(dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(
-                self.pemma, theirs)))
+            self._set_pemma(self.inherit(theirs))
             self._pretrained = pretrained
         super().initialize()
         held = None if pretrained is None else self.network_to_load(expect)

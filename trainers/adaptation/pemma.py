@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, save_adapter
 from nnunetv2_pemma.adaptation.methods import Stage, train_only
 from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
-from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.config import Adaptation, PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_pemma_network
 from nnunetv2_pemma.trainers.adaptation.adapting import AdaptingTrainer, unwrap
-from nnunetv2_pemma.training.checkpoints import load_checkpoint_file
+from nnunetv2_pemma.training.checkpoints import checkpoint_pemma_block, load_checkpoint_file
 
 
 class PEMMATrainer(AdaptingTrainer):
@@ -67,6 +69,25 @@ class PEMMAContinualTrainer(PEMMATrainer):
 
     def expected_checkpoint(self, path: str) -> str:
         return "pemma"
+
+    def _with_method_options_of(self, block: PemmaBlock, theirs: dict[str, Any] | None) -> PemmaBlock:
+        if theirs is None:
+            return block
+        adaptation = block.adaptation.with_method_options(Adaptation.parse(theirs["adaptation"]))
+        return dataclasses.replace(block, adaptation=adaptation)
+
+    def inherit(self, theirs: dict[str, Any]) -> PemmaBlock:
+        """Also the method options of the model it updates (prior tokens, the mixture's routing and experts),
+        whatever this dataset's plans say: they shape the network its weights fit."""
+        return self._with_method_options_of(super().inherit(theirs), theirs)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """A resumed (`--c`) or validated (`--val`) run takes the method options its own checkpoint records."""
+        if not self.was_initialized:
+            checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+                load_checkpoint_file(filename_or_checkpoint)
+            self._set_pemma(self._with_method_options_of(self.pemma, checkpoint_pemma_block(checkpoint)))
+        super().load_checkpoint(filename_or_checkpoint)
 
     def start_from(self, loaded: nn.Module, path: str) -> None:
         """Carry over the CT base record of the PEMMA checkpoint, once its base tensors are checked against it."""

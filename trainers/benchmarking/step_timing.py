@@ -14,11 +14,14 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.run.run_training import maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMATrainer
+from nnunetv2_pemma.trainers.adaptation.context_priors import PEMMAPriorFusionTrainer, PEMMAPriorTrainer
+from nnunetv2_pemma.trainers.adaptation.mixture_of_adapters import PEMMAMoATrainer
+from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMADoRATrainer, PEMMATrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
@@ -69,9 +72,12 @@ class StepTiming:
             return torch.randint(min(labels), max(labels) + 1, shape, generator=generator).float().to(self.device)
 
         data = torch.randn((self.batch_size, self.num_input_channels, *patch), generator=generator).to(self.device)
+        cases = sorted(infer_dataset_class(self.preprocessed_dataset_folder).get_identifiers(
+            self.preprocessed_dataset_folder))
+        keys = [cases[i % len(cases)] for i in range(self.batch_size)]  # the case ids nnU-Net's loader delivers
         if self.enable_deep_supervision:
-            return {"data": data, "target": [label_map(s) for s in self._get_deep_supervision_scales()]}
-        return {"data": data, "target": label_map([1.0] * len(patch))}
+            return {"data": data, "target": [label_map(s) for s in self._get_deep_supervision_scales()], "keys": keys}
+        return {"data": data, "target": label_map([1.0] * len(patch)), "keys": keys}
 
     def timed_step(self) -> dict:
         """One training step on ``self.batch``: the trainer's own ``train_step``."""
@@ -103,6 +109,22 @@ class UNETRTrainer_stepTiming(StepTiming, UNETRTrainer):
 
 class PEMMATrainer_stepTiming(FromCTBase, PEMMATrainer):
     """PEMMA adaptation from a CT base (`pretrained_weights`): PET modules and LoRA train, the CT base is frozen."""
+
+
+class PEMMADoRATrainer_stepTiming(FromCTBase, PEMMADoRATrainer):
+    """PEMMA adaptation with DoRA in place of LoRA."""
+
+
+class PEMMAPriorTrainer_stepTiming(FromCTBase, PEMMAPriorTrainer):
+    """PEMMA adaptation with context priors entering as tokens at every block, and LoRA."""
+
+
+class PEMMAPriorFusionTrainer_stepTiming(FromCTBase, PEMMAPriorFusionTrainer):
+    """PEMMA adaptation with context priors entering through Hermes-style two-way fusion, and LoRA."""
+
+
+class PEMMAMoATrainer_stepTiming(FromCTBase, PEMMAMoATrainer):
+    """PEMMA adaptation with a mixture of LoRA experts, one per centre of the dataset."""
 
 
 class PEMMAContinualTrainer_stepTiming(StepTiming, PEMMAContinualTrainer):
