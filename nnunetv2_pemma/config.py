@@ -60,7 +60,7 @@ class Adaptation:
     modality_dropout: tuple[float, float, float] | None  # [p_CP, p_C, p_P] per training sample, or none
     method: str = "lora"  # a registered qkv adapter method: "lora", "dora", "prior" or "moa"
     prior_tokens: int = 10  # prior: learnable tokens per modality and presence state (Hermes: about 10)
-    prior_entry: str = "tokens"  # prior: "tokens" (new prior tokens at every block) or "fusion" (Hermes two-way)
+    prior_entry: str = "fusion"  # prior: "fusion" (Hermes two-way attention) or "tokens" (new tokens every block)
     moa_routing: str = "center"  # moa: which expert a sample uses: "center", "modality" (C/P/CP) or "gate"
     moa_experts: tuple[str, ...] = ()  # moa "center": the experts' centres (the trainers fill them from the data)
     moa_gate_experts: int = 3  # moa "gate": how many experts the learned top-1 gate chooses from
@@ -107,7 +107,7 @@ def _check_method_options(kwargs: dict[str, Any]) -> None:
         value = kwargs.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if kwargs.get("prior_entry", "tokens") not in PRIOR_ENTRIES:
+    if kwargs.get("prior_entry", "fusion") not in PRIOR_ENTRIES:
         raise ValueError(f"prior_entry must be one of {list(PRIOR_ENTRIES)}, got {kwargs['prior_entry']!r}")
     if kwargs.get("moa_routing", "center") not in ROUTINGS:
         raise ValueError(f"moa_routing must be one of {list(ROUTINGS)}, got {kwargs['moa_routing']!r}")

@@ -151,15 +151,19 @@ def test_each_sample_gets_its_modalities_present_or_absent_tokens():
         assert torch.equal(selected[sample, :2], t[0, ct_state]) and torch.equal(selected[sample, 2:], t[1, pet_state])
 
 
-def test_prior_tokens_steer_only_the_samples_whose_input_selects_them():
+@pytest.mark.parametrize("entry", ["tokens", "fusion"])
+def test_prior_tokens_steer_only_the_samples_whose_input_selects_them(entry):
     tiny = Tiny.of("UNETR")
-    net = tiny.adapted(tiny.base(), method="prior")
+    net = tiny.adapted(tiny.base(), method="prior", prior_entry=entry)
     x = tiny.image(2)
     with torch.no_grad():
+        if entry == "fusion":
+            perturb(net, "gate")  # zero at the start: the priors do not reach the features yet
         full = net(x)
         net.set_input_modalities(("CT",))
         ct_only = net(x[:, :1])
-        net.prior_context.tokens[:, 1, 1].normal_()  # PET-absent tokens: only CT-only inputs use them
+        pet_absent = net.prior_context.tokens[:, 1, 1] if entry == "tokens" else net.prior_context.tokens[1, 1]
+        pet_absent.normal_()  # only CT-only inputs use them
         net.set_input_modalities(("CT", "PET"))
         torch.testing.assert_close(net(x), full)
         net.set_input_modalities(("CT",))

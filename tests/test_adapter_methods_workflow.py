@@ -5,6 +5,8 @@ resumed and validated runs, and a model rebuilt from a CT base, the adapter and 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, checkpoint_of, run_ok, weights
+from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights
 from nnunetv2_pemma.adaptation.methods import is_added
 from nnunetv2_pemma.adaptation.mixture import expert_parameter_key
 from nnunetv2_pemma.inference.predictor import _center_groups
+from test_trainer_errors import one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -80,28 +83,39 @@ def test_prior_continual_update_changes_only_priors_and_lora(workflow: dict, met
         torch.equal(weights(workflow["base"])[k], after[k]) for k in weights(workflow["base"]))
 
 
+PREDICT_SUBSETS = """
+import sys
+from pathlib import Path
+from nnunetv2_pemma.inference.predictor import predict
+
+root, trainer = Path(sys.argv[1]), sys.argv[2]
+for name in ("CT_PET", "CT", "PET"):
+    predict(root / f"in_{name}", root / f"out_{name}", "503", sys.argv[3], trainer, [0],
+            modalities=name.split("_"), tta=False, num_processes=0)
+"""
+
+
 @pytest.mark.parametrize("method", sorted(TRAINERS))
-@pytest.mark.parametrize("modalities,channels", [(["CT", "PET"], [0, 1]), (["CT"], [0]), (["PET"], [1])])
-def test_predict_any_modality_subset(workflow: dict, methods: dict, tmp_path: Path, method: str,
-                                     modalities: list[str], channels: list[int]) -> None:
+def test_predict_any_modality_subset(workflow: dict, methods: dict, tmp_path: Path, method: str) -> None:
     """C, P and CP inference from the updated model, whose last data had CT alone (an MDA case and a case of the
-    new centre, which a centre-routed mixture predicts with another expert)."""
+    new centre, which a centre-routed mixture predicts with another expert). One process for the three, as
+    `pemma predict` calls `predict`; the command itself is tested in test_workflow.py."""
     env = workflow["env"]
     images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in (case, "HGJ-999"):
-        for i, c in enumerate(channels):
-            (inputs / f"{name}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{c:04d}.nii.gz")
-    out = tmp_path / "out"
-    run_ok(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(out), "-d", "503", "-c", CONFIG,
-            "-tr", TRAINERS[method][1], "-f", "0", "-device", "cpu", "--disable_tta", "--modalities", *modalities],
-           env)
+    for name, channels in (("CT_PET", [0, 1]), ("CT", [0]), ("PET", [1])):
+        (tmp_path / f"in_{name}").mkdir()
+        for target in (case, "HGJ-999"):
+            for i, c in enumerate(channels):
+                (tmp_path / f"in_{name}" / f"{target}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{c:04d}.nii.gz")
+    proc = subprocess.run([sys.executable, "-c", PREDICT_SUBSETS, str(tmp_path), TRAINERS[method][1], CONFIG],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(images / f"{case}_0000.nii.gz")))
-    for name in (case, "HGJ-999"):
-        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{name}.nii.gz")))
-        assert pred.shape == ct.shape and set(np.unique(pred)) <= {0, 1, 2}
+    for name in ("CT_PET", "CT", "PET"):
+        for target in (case, "HGJ-999"):
+            pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"out_{name}" / f"{target}.nii.gz")))
+            assert pred.shape == ct.shape and set(np.unique(pred)) <= {0, 1, 2}
 
 
 def test_nnunet_predict_uses_the_unknown_centre_rule(workflow: dict, methods: dict, tmp_path: Path) -> None:
@@ -128,12 +142,12 @@ def test_pemma_predict_groups_cases_by_centre_for_a_centre_routed_mixture() -> N
     assert _center_groups(Net("lora", "center"), cases) == [(None, cases)]
 
 
-@pytest.mark.parametrize("method", sorted(TRAINERS))
-def test_resumed_and_validated_continual_runs_rebuild_the_network(workflow: dict, methods: dict,
-                                                                  method: str) -> None:
-    """`--c` and `--val` rebuild the continual network from the run's own checkpoint (the mixture with the new
-    centre's expert, which the dataset's plans do not list)."""
+def test_resumed_and_validated_continual_runs_rebuild_the_network(workflow: dict, methods: dict) -> None:
+    """`--c` and `--val` rebuild the continual network from the run's own checkpoint: the mixture with the new
+    centre's expert, which the dataset's plans do not list (context priors take the same path: the method
+    options its checkpoint records)."""
     env = workflow["env"]
+    method = "moa"
     _, continual = methods[method]
     trainer = TRAINERS[method][1]
     fold = continual.parent.parent / "fold_3"
@@ -144,6 +158,37 @@ def test_resumed_and_validated_continual_runs_rebuild_the_network(workflow: dict
     run_ok(["nnUNetv2_train", "503", CONFIG, "3", "-tr", trainer, "-device", "cpu", "--c"], env)
     resumed, before = weights(fold / "checkpoint_final.pth"), weights(continual)
     assert resumed.keys() == before.keys()
-    frozen = [k for k in before if not is_added(k) or (method == "moa" and expert_parameter_key(k) != "HGJ")]
+    frozen = [k for k in before if expert_parameter_key(k) != "HGJ"]
     assert all(torch.equal(before[k], resumed[k]) for k in frozen)
     run_ok(["nnUNetv2_train", "503", CONFIG, "3", "-tr", trainer, "-device", "cpu", "--val"], env)
+
+
+def _apply_error(workflow: dict, adapter: Path, experts: list[Path], out: Path) -> str:
+    proc = run_cli(["pemma", "apply-adapter", "--base", str(workflow["base"]), "--adapter", str(adapter),
+                    "--experts", *map(str, experts), "--out", str(out)], workflow["env"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pemma apply-adapter: error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert not out.exists() and not any(out.parent.glob(f".{out.name}.*"))
+    return lines[0]
+
+
+def test_expert_files_that_do_not_belong_are_refused_and_nothing_is_written(workflow: dict, methods: dict,
+                                                                             tmp_path: Path) -> None:
+    adapted, continual = methods["moa"]
+    adapter = adapted.parent / "adapter_final.safetensors"
+    expert = continual.parent / "experts" / "HGJ.safetensors"
+    out = tmp_path / "merged"
+    assert f"{adapter}: not an expert file" in _apply_error(workflow, adapter, [adapter], out)
+    assert f"{expert}: a second file for expert HGJ" in _apply_error(workflow, adapter, [expert, expert], out)
+    lora_adapter = workflow["adapted"].parent / "adapter_final.safetensors"
+    assert "expert files extend a centre-routed mixture of adapters; this adapter's method is lora" in _apply_error(
+        workflow, lora_adapter, [expert], out)
+
+
+def test_mixture_update_refuses_a_lora_checkpoint(workflow: dict, tmp_path: Path) -> None:
+    proc = run_cli(["nnUNetv2_train", "503", CONFIG, "2", "-tr", "PEMMAMoAContinualTrainer", "-device", "cpu",
+                    "-pretrained_weights", str(workflow["adapted"])], workflow["env"])
+    assert "adapter method lora (checkpoint) vs moa (this network)" in one_line_error(proc)
+    folder = workflow["continual"].parent.parent.parent / "PEMMAMoAContinualTrainer__nnUNetPlans__3d_unetr_tiny"
+    assert not list(folder.glob("fold_2/*.pth"))

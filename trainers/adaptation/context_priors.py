@@ -7,16 +7,16 @@ from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMM
 
 
 class PEMMAPriorTrainer(PEMMATrainer):
-    """CT base -> CT+PET: prior tokens (the preset's ``prior_entry``; default new tokens at every block), LoRA, the
-    PET tokens and the PET input skip train; the CT base stays frozen."""
+    """CT base -> CT+PET: prior tokens (the preset's ``prior_entry``; default Hermes-style two-way fusion after the
+    blocks the decoder reads), LoRA, the PET tokens and the PET input skip train; the CT base stays frozen."""
 
     adaptation_overrides = {"method": "prior"}
 
 
-class PEMMAPriorFusionTrainer(PEMMATrainer):
-    """Context priors entering through Hermes-style two-way attention after the blocks the decoder reads."""
+class PEMMAPriorTokensTrainer(PEMMATrainer):
+    """Context priors entering as new prior tokens at every block (prompt tuning) instead of through fusion."""
 
-    adaptation_overrides = {"method": "prior", "prior_entry": "fusion"}
+    adaptation_overrides = {"method": "prior", "prior_entry": "tokens"}
 
 
 class PEMMAPriorContinualTrainer(PEMMAContinualTrainer):

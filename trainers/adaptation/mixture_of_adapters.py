@@ -25,7 +25,8 @@ from nnunetv2_pemma.data.centers import center_of
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_pemma_network
 from nnunetv2_pemma.trainers.adaptation.adapting import unwrap
-from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMATrainer
+from nnunetv2_pemma.trainers.adaptation.pemma import (PEMMAContinualTrainer, PEMMASwinContinualTrainer,
+                                                      PEMMASwinTrainer, PEMMATrainer)
 
 
 class MixtureTraining:
@@ -113,11 +114,9 @@ class PEMMAMoAGateTrainer(PEMMAMoATrainer):
     adaptation_overrides = {"method": "moa", "moa_routing": "gate"}
 
 
-class PEMMAMoAContinualTrainer(MixtureTraining, PEMMAContinualTrainer):
-    """Continual update of a mixture model (routing and experts as the checkpoint's): with centre routing it adds
-    an expert for each new centre of this dataset and trains only this dataset's centres' experts; with modality or
-    gate routing every expert (and the gate) trains. Start it with `-pretrained_weights <PEMMAMoATrainer or
-    PEMMAMoAContinualTrainer checkpoint_final.pth>`."""
+class MixtureUpdate(MixtureTraining):
+    """Mixin (first in the bases) of a continual trainer: routing and experts as the checkpoint's, plus an expert
+    for each new centre of this dataset (centre routing), which `convert` adds to the loaded network."""
 
     _their_experts: tuple[str, ...] = ()
 
@@ -141,3 +140,18 @@ class PEMMAMoAContinualTrainer(MixtureTraining, PEMMAContinualTrainer):
             raise CheckpointError(f"{self._pretrained}: not a mixture model this trainer can extend "
                                   f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
         return network
+
+
+class PEMMAMoAContinualTrainer(MixtureUpdate, PEMMAContinualTrainer):
+    """Continual update of a mixture model (routing and experts as the checkpoint's): with centre routing it adds
+    an expert for each new centre of this dataset and trains only this dataset's centres' experts; with modality or
+    gate routing every expert (and the gate) trains. Start it with `-pretrained_weights <PEMMAMoATrainer or
+    PEMMAMoAContinualTrainer checkpoint_final.pth>`."""
+
+
+class PEMMASwinMoATrainer(MixtureTraining, PEMMASwinTrainer):
+    """The mixture on SwinUNETR (every window attention's qkv): one expert per centre by default."""
+
+
+class PEMMASwinMoAContinualTrainer(MixtureUpdate, PEMMASwinContinualTrainer):
+    """Continual update of a SwinUNETR mixture model, as PEMMAMoAContinualTrainer."""

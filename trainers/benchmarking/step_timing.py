@@ -19,7 +19,7 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-from nnunetv2_pemma.trainers.adaptation.context_priors import PEMMAPriorFusionTrainer, PEMMAPriorTrainer
+from nnunetv2_pemma.trainers.adaptation.context_priors import PEMMAPriorTokensTrainer, PEMMAPriorTrainer
 from nnunetv2_pemma.trainers.adaptation.mixture_of_adapters import PEMMAMoATrainer
 from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMADoRATrainer, PEMMATrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
@@ -116,11 +116,11 @@ class PEMMADoRATrainer_stepTiming(FromCTBase, PEMMADoRATrainer):
 
 
 class PEMMAPriorTrainer_stepTiming(FromCTBase, PEMMAPriorTrainer):
-    """PEMMA adaptation with context priors entering as tokens at every block, and LoRA."""
-
-
-class PEMMAPriorFusionTrainer_stepTiming(FromCTBase, PEMMAPriorFusionTrainer):
     """PEMMA adaptation with context priors entering through Hermes-style two-way fusion, and LoRA."""
+
+
+class PEMMAPriorTokensTrainer_stepTiming(FromCTBase, PEMMAPriorTokensTrainer):
+    """PEMMA adaptation with context priors entering as tokens at every block, and LoRA."""
 
 
 class PEMMAMoATrainer_stepTiming(FromCTBase, PEMMAMoATrainer):
