@@ -78,8 +78,9 @@ class PEMMAUNETR(ModalitySlots, UNETR):
         n = tokens[0].shape[1]
         x = torch.cat(tokens + list(extra_tokens), dim=1)
         if hasattr(self, "prior_context"):
-            present = self.present if self.present is not None else torch.tensor(
-                [[ct is not None, pet is not None]]).expand(x.shape[0], 2)
+            present = self.present  # set by split_modalities for this batch; direct calls: what is given
+            if present is None or present.shape[0] != x.shape[0]:
+                present = torch.tensor([[ct is not None, pet is not None]]).expand(x.shape[0], 2)
             x, hidden_states = self.prior_context.run_blocks(self.vit.blocks, x, n, present)
             return UNETREncoding(hidden_states, self.vit.norm(x[:, :n]))
         hidden_states = []
