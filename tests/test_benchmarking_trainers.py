@@ -17,7 +17,8 @@ from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer
                                                                UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
 
 pytestmark = pytest.mark.slow
-SETUPS = ("ct_unetr", "pemma_adaptation", "pemma_continual", "early_fusion", "unet")
+SETUPS = ("ct_unetr", "pemma_adaptation", "pemma_prior", "pemma_moa", "pemma_continual", "early_fusion", "unet")
+"""The setups the test runs (speed_memory.py has DoRA and prior tokens too, which differ from these in one layer)."""
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
     env.pop("nnUNet_n_proc_DA")  # nnUNetv2_plan_and_preprocess hands it to torch.set_num_threads, which rejects 0
     proc = run_ok(["python", str(REPO / "benchmarks" / "speed_memory.py"), "--preset", "tiny", "--device", "cpu",
                    "--steps", "2", "--warmup", "0", "--cases", "1", "--no-memory", "--workspace", str(root),
+                   "--setups", *SETUPS,
                    "--json", str(root / "out.json"), "--markdown", str(root / "out.md")], env)
     return {"root": root, "stdout": proc.stdout, "workspace": json.loads((root / "workspace.json").read_text())}
 
