@@ -308,7 +308,7 @@ def _add_apply_adapter(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
-    from nnunetv2_pemma.experiments.protocol import ADAPTER_METHODS
+    from nnunetv2_pemma.experiments.adapter_rows import ADAPTER_METHODS
 
     p = sub.add_parser("reproduce", help="the PEMMA paper's protocol (Table 1 split, Table 2 matrix), resumable",
                        description="CT base -> MDA adaptation -> HGJ and HMR updates (C and CP) for PEMMA, early "

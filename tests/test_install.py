@@ -76,3 +76,13 @@ def test_pemma_help_lists_the_subcommands(nnunet_env: dict[str, str]) -> None:
     for command in ("demo", "env", "reproduce", "phantom", "convert-hecktor", "plans", "predict",
                     "predict-late-fusion", "apply-adapter", "evaluate", "parameters"):
         assert command in out
+
+
+def test_the_command_line_starts_without_torch(tmp_path: Path) -> None:
+    """Building `pemma`'s parser imports no torch, MONAI or nnU-Net: every `pemma` call (the reproduction runs
+    dozens) would pay seconds for them."""
+    probe = ("import sys\nfrom nnunetv2_pemma.cli import build_parser\nbuild_parser()\n"
+             "print(sorted(m for m in ('torch', 'monai', 'nnunetv2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"

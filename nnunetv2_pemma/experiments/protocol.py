@@ -21,6 +21,7 @@ from typing import Sequence
 
 from nnunetv2_pemma.data.centers import PAPER_STAGES
 from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
+from nnunetv2_pemma.experiments.adapter_rows import ADAPTER_METHODS
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.experiments.scheduler import Job, success_marker
 from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE
@@ -36,14 +37,6 @@ SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
     "full": {"New dataset 1": ("C", "CP"), "New dataset 2": ("C", "CP")},
     "demo": {"New dataset 1": ("C",)},
 }
-
-
-ADAPTER_METHODS: dict[str, tuple[str, str, str]] = {
-    "dora": ("PEMMA-DoRA", "PEMMADoRATrainer", "PEMMADoRAContinualTrainer"),
-    "prior": ("PEMMA-priors", "PEMMAPriorTrainer", "PEMMAPriorContinualTrainer"),
-    "moa": ("PEMMA-MoA", "PEMMAMoATrainer", "PEMMAMoAContinualTrainer"),
-}
-"""Adaptation methods besides LoRA: their Table 2 row name, adaptation trainer and continual trainer."""
 
 
 @dataclass(frozen=True)
