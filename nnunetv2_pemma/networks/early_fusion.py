@@ -14,6 +14,7 @@ from monai.networks.nets import UNETR
 
 from nnunetv2_pemma.config import MODALITIES, PET_INITS
 from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, enable_sdpa, freeze_unused_norms
+from nnunetv2_pemma.networks.modality_channels import fill_modality_channels
 from nnunetv2_pemma.networks.modality_slots import check_modalities
 
 class EarlyFusionUNETR(UNETR):
@@ -36,13 +37,7 @@ class EarlyFusionUNETR(UNETR):
 
     def fill_channels(self, x_in: torch.Tensor) -> torch.Tensor:
         """(B, len(input_modalities), D, H, W) -> (B, 2, D, H, W) in (CT, PET) order, an absent modality zero."""
-        if x_in.shape[1] != len(self.input_modalities):
-            raise ValueError(f"input has {x_in.shape[1]} channels, expected {len(self.input_modalities)} "
-                             f"({self.input_modalities})")
-        full = x_in.new_zeros((x_in.shape[0], len(MODALITIES), *x_in.shape[2:]))
-        for i, m in enumerate(self.input_modalities):
-            full[:, MODALITIES.index(m)] = x_in[:, i]
-        return full
+        return fill_modality_channels(x_in, self.input_modalities)
 
     def forward(self, x_in: torch.Tensor) -> torch.Tensor:
         """x_in: (B, len(input_modalities), D, H, W) -> logits (B, out_channels, D, H, W)."""
