@@ -268,7 +268,10 @@ def test_json_round_trip_and_summary_table(tmp_path: Path) -> None:
     dice_a = 2 * 32 / (64 + 64)  # x overlap 4..5 of 2..5: 2 * 4 * 4 = 32 voxels
     assert saved["per_case"][0]["GTVp"]["dice"] == pytest.approx(dice_a)
     assert saved["aggregated_dice"]["GTVp"] == pytest.approx(2 * (32 + 64) / (128 + 128))
-    assert saved["mean"]["GTVn"] == {"dice": 1.0, "n_dice": 1, "hd95_mm": 0.0, "n_hd95": 1}
+    assert saved["mean"]["GTVn"] == {"dice": 1.0, "n_dice": 1, "hd95_mm": 0.0, "n_hd95": 1, "precision": 1.0,
+                                     "n_precision": 1, "recall": 1.0, "n_recall": 1}
+    assert saved["per_case"][0]["GTVp"]["precision"] == pytest.approx(32 / 64)  # H2ASeg's Table 1 metrics
+    assert saved["per_case"][0]["GTVp"]["recall"] == pytest.approx(32 / 64)
     assert saved["per_case"][1]["GTVn"]["dice"] is None
 
     loaded = EvaluationResult.load(out)
@@ -297,3 +300,23 @@ def test_pemma_evaluate_command(tmp_path: Path, nnunet_env: dict[str, str]) -> N
                     str(tmp_path / "bad.json")], nnunet_env)
     assert proc.returncode == 2 and "CHUM-001" in proc.stderr and "spacing" in proc.stderr
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_precision_and_recall_match_monai_and_are_undefined_without_a_side():
+    """H2ASeg's precision and recall, checked against MONAI's confusion-matrix metrics."""
+    import torch
+    from monai.metrics import compute_confusion_matrix_metric, get_confusion_matrix
+
+    from nnunetv2_pemma.evaluation.metrics import case_metrics
+
+    rng = np.random.default_rng(0)
+    pred, ref = rng.integers(0, 3, (6, 7, 8)), rng.integers(0, 3, (6, 7, 8))
+    ours = case_metrics(pred, ref, (1.0, 1.0, 1.0), 1)
+    one_hot = [torch.from_numpy((a == 1)[None, None].astype(np.float32)) for a in (pred, ref)]
+    matrix = get_confusion_matrix(*one_hot, include_background=True)
+    assert ours["precision"] == pytest.approx(float(compute_confusion_matrix_metric("precision", matrix)))
+    assert ours["recall"] == pytest.approx(float(compute_confusion_matrix_metric("sensitivity", matrix)))
+    empty = np.zeros_like(pred)
+    assert np.isnan(case_metrics(empty, ref, (1.0, 1.0, 1.0), 1)["precision"])
+    assert case_metrics(empty, ref, (1.0, 1.0, 1.0), 1)["recall"] == 0.0
+    assert np.isnan(case_metrics(pred, empty, (1.0, 1.0, 1.0), 1)["recall"])

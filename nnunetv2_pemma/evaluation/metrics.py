@@ -15,6 +15,9 @@ label (by default GTVp = 1 and GTVn = 2) we report:
   (medpy) pools both directions before taking the percentile, so values can differ slightly on irregular shapes.
   **NaN** when either side lacks the structure (a distance to nothing is undefined; HECKTOR skips such cases too);
   the per-label **mean HD95** averages over the cases where it is defined (`n_hd95`).
+* **Precision** `|A∩B| / |A|` and **recall** `|A∩B| / |B|` (H2ASeg's Table 1 reports them beside Dice and HD95):
+  NaN when the prediction (precision) or the reference (recall) lacks the structure; their means, like Dice's, are
+  over the cases where they are defined (`n_precision`, `n_recall`).
 * **Volumes** in ml (voxel count x voxel volume from the spacing / 1000), prediction and reference, plus the
   intersection in ml, so the aggregate can be recomputed from the JSON for any subset of cases (e.g. one centre).
 
@@ -60,10 +63,10 @@ _MAX_LISTED = 10  # case ids named in one error message
 class EvaluationResult:
     """Metrics of one prediction folder. NaN marks undefined values (written as `null` in JSON).
 
-    per_case: one dict per case, sorted by case id: `{"case": id, <label name>: {"dice", "hd95_mm",
-        "volume_pred_ml", "volume_gt_ml", "intersection_ml"}, ...}`.
-    mean: per label `{"dice", "n_dice", "hd95_mm", "n_hd95"}`: means over the cases where the value is defined,
-        and how many those were.
+    per_case: one dict per case, sorted by case id: `{"case": id, <label name>: {"dice", "hd95_mm", "precision",
+        "recall", "volume_pred_ml", "volume_gt_ml", "intersection_ml"}, ...}`.
+    mean: per label `{"dice", "n_dice", "hd95_mm", "n_hd95", "precision", "n_precision", "recall", "n_recall"}`:
+        means over the cases where the value is defined, and how many those were.
     aggregated_dice: per label HECKTOR DSCagg; aggregated_dice_mean: their mean (over defined labels).
     """
 
@@ -204,6 +207,7 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing_xyz: tuple[float, ..
     n_ab = int(np.count_nonzero(a & b))
     dice = 2.0 * n_ab / (n_a + n_b) if n_a + n_b > 0 else math.nan
     return {"dice": dice, "hd95_mm": hd95_mm(a, b, spacing_xyz) if n_a and n_b else math.nan,
+            "precision": n_ab / n_a if n_a else math.nan, "recall": n_ab / n_b if n_b else math.nan,
             "volume_pred_ml": n_a * voxel_ml, "volume_gt_ml": n_b * voxel_ml, "intersection_ml": n_ab * voxel_ml}
 
 
@@ -287,7 +291,8 @@ def _means(per_case: list[dict[str, Any]], labels: Mapping[str, int]) -> dict[st
     out = {}
     for name in labels:
         entry: dict[str, Any] = {}
-        for key, n_key in (("dice", "n_dice"), ("hd95_mm", "n_hd95")):
+        for key, n_key in (("dice", "n_dice"), ("hd95_mm", "n_hd95"), ("precision", "n_precision"),
+                           ("recall", "n_recall")):
             values = [c[name][key] for c in per_case if not math.isnan(c[name][key])]
             entry[key] = float(np.mean(values)) if values else math.nan
             entry[n_key] = len(values)
