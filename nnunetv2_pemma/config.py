@@ -25,7 +25,7 @@ MODALITIES = ("CT", "PET")
 """Modalities PEMMA knows, in the default channel order: the base model is CT-only, PET is added."""
 PET_INITS = ("random", "zero", "cross")
 MISSING_MODALITY_MODES = ("zero", "drop")
-OPTIMIZERS = ("AdamW",)
+OPTIMIZERS = ("AdamW", "Adam", "SGD")  # SGD: nnU-Net's own (momentum 0.99, Nesterov, poly)
 LR_SCHEDULES = ("constant", "poly")
 TIES_METHODS = ("efron", "breslow")  # torchsurv's Cox partial likelihood with tied times
 SURVIVAL_SECTION = "survival"
@@ -95,6 +95,12 @@ class Adaptation:
         out["modality_dropout"] = None if self.modality_dropout is None else list(self.modality_dropout)
         out["moa_experts"] = list(self.moa_experts)
         return out
+
+
+DEFAULT_ADAPTATION: dict[str, Any] = {"lora_rank": 4, "lora_alpha": 4, "pet_init": "cross", "beta": 1.0,
+                                      "learnable_beta": False, "missing_modality": "zero", "modality_dropout": None}
+"""The ``adaptation`` section of a preset that has none: a peer network trained from scratch adapts nothing, but
+like every model here it takes an absent modality as a zero image."""
 
 
 def _check_method_options(kwargs: dict[str, Any]) -> None:
@@ -201,7 +207,7 @@ class Preset:
         where = f"preset {source}"
         if not isinstance(raw, Mapping):
             raise PlansError(f"{where}: expected a JSON object")
-        missing = {"configuration", "patch_size", "batch_size", "model", "adaptation", "schedule"} - raw.keys()
+        missing = {"configuration", "patch_size", "batch_size", "model", "schedule"} - raw.keys()
         if missing:
             raise PlansError(f"{where} lacks {sorted(missing)}")
         try:
@@ -211,7 +217,8 @@ class Preset:
                 raise ValueError(f"batch_size must be a positive integer, got {raw['batch_size']!r}")
             return cls(name=raw.get("name", name), source=source, configuration=raw["configuration"],
                        inherits_from=raw.get("inherits_from", "3d_fullres"), patch_size=patch,
-                       batch_size=raw["batch_size"], model=model, adaptation=Adaptation.parse(raw["adaptation"]),
+                       batch_size=raw["batch_size"], model=model,
+                       adaptation=Adaptation.parse(raw.get("adaptation", DEFAULT_ADAPTATION)),
                        schedule=Schedule.parse(raw["schedule"]), augmentation=_augmentation(raw),
                        survival=_survival(raw), description=raw.get("description", ""))
         except (ValueError, TypeError) as e:

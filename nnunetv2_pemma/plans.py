@@ -111,12 +111,14 @@ def _set_channel_normalisation(configuration: dict[str, Any], schemes: list[str]
     configuration["use_mask_for_norm"] = [False] * len(schemes)
 
 
-def _architecture_block(preset: Preset) -> dict[str, Any]:
-    """nnU-Net's "architecture" entry, naming the MONAI network the trainers build (not 3d_fullres's U-Net)."""
+def _architecture_block(preset: Preset) -> dict[str, Any] | None:
+    """nnU-Net's "architecture" entry naming the network the trainers build (MONAI's UNETR/SwinUNETR, H2ASeg), or
+    None for nnU-Net's own U-Net of the inherited configuration (whose planned entry then stays)."""
+    if preset.model.network_class_name is None:
+        return None
     kwargs = preset.model.to_json()
-    architecture = kwargs.pop("architecture")
-    return {"network_class_name": f"monai.networks.nets.{architecture}", "arch_kwargs": kwargs,
-            "_kw_requires_import": []}
+    kwargs.pop("architecture")
+    return {"network_class_name": preset.model.network_class_name, "arch_kwargs": kwargs, "_kw_requires_import": []}
 
 
 def modality_normalization(plans: dict[str, Any], configuration: str, modalities: list[str]
@@ -168,8 +170,11 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
     modalities = channel_modalities(json.loads((folder / "dataset.json").read_text()))
     config_name = preset.configuration
     configuration: dict[str, Any] = {"inherits_from": parent, "patch_size": list(preset.patch_size),
-                                     "batch_size": preset.batch_size, "architecture": _architecture_block(preset),
+                                     "batch_size": preset.batch_size,
                                      PEMMA_KEY: preset.block(tuple(modalities)).to_json()}
+    architecture = _architecture_block(preset)
+    if architecture is not None:
+        configuration["architecture"] = architecture
     needs_preprocessing = "PET" in modalities
     if needs_preprocessing:
         parent_schemes = plans["configurations"][parent]["normalization_schemes"]

@@ -6,12 +6,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from nnunetv2_pemma.config import PemmaBlock
+from nnunetv2_pemma.config import MODALITIES, PemmaBlock
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.backbones.swin import SwinUNETRSpec, build_swin_unetr
 from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, build_unetr
 from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
+from nnunetv2_pemma.networks.modality_channels import ModalityChannels
 from nnunetv2_pemma.networks.pemma_swin import PEMMASwinUNETR
+from nnunetv2_pemma.networks.peers.h2aseg import H2ASeg
+from nnunetv2_pemma.networks.peers.slice_interaction import SliceInteractionNet
+from nnunetv2_pemma.networks.peers.specs import H2ASegSpec, SliceInteractionSpec
 from nnunetv2_pemma.networks.pemma_unetr import PEMMAUNETR
 from nnunetv2_pemma.networks.prognosis import SurvivalEarlyFusionUNETR, SurvivalPEMMAUNETR, SurvivalUNETR
 
@@ -61,3 +65,24 @@ def build_survival_early_fusion(block: PemmaBlock, num_outputs: int, patch_size:
     """Early-fusion UNETR with the survival head; `clinical` feeds the clinical vector to the head."""
     return SurvivalEarlyFusionUNETR(_prognosis_spec(block), num_outputs, patch_size, block.input_modalities,
                                     clinical=clinical)
+
+
+def build_h2aseg(block: PemmaBlock, num_outputs: int, patch_size: Sequence[int],
+                 deep_supervision: bool) -> ModalityChannels:
+    """H2ASeg over the dataset's channels (an absent modality a zero image, as for early fusion)."""
+    spec = block.model
+    if not isinstance(spec, H2ASegSpec):
+        raise PlansError(f"H2ASeg needs an H2ASeg preset, not {spec.architecture}")
+    network = H2ASeg(num_outputs, spec.check_patch_size(patch_size), spec.widths, spec.window, spec.norm_name,
+                     deep_supervision=deep_supervision)
+    return ModalityChannels(network, block.input_modalities)
+
+
+def build_slice_interaction(block: PemmaBlock, unet: nn.Module) -> ModalityChannels:
+    """The 2.5D network: the slice interaction module in front of `unet`, nnU-Net's 2-D U-Net built for
+    2 modalities x `slices` input channels, fed the dataset's channels' neighbouring slices."""
+    spec = block.model
+    if not isinstance(spec, SliceInteractionSpec):
+        raise PlansError(f"the 2.5D trainer needs a SliceInteraction25D preset, not {spec.architecture}")
+    network = SliceInteractionNet(unet, len(MODALITIES), spec.slices, spec.reduction, spec.spatial_kernel)
+    return ModalityChannels(network, block.input_modalities, spec.slices)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from nnunetv2_pemma.config import MODALITIES
+from nnunetv2_pemma.networks.modality_slots import check_modalities
 
 
 def fill_modality_channels(x: torch.Tensor, input_modalities: Sequence[str]) -> torch.Tensor:
@@ -19,3 +21,38 @@ def fill_modality_channels(x: torch.Tensor, input_modalities: Sequence[str]) -> 
     for i, m in enumerate(input_modalities):
         full[:, MODALITIES.index(m)] = x[:, i]
     return full
+
+
+class ModalityChannels(nn.Module):
+    """A network over (CT, PET) input channels, fed the dataset's channels (`input_modalities`, in order).
+
+    With `slices` > 1 each modality arrives as that many neighbouring slices (a 2.5D network): the input is
+    (B, len(input_modalities) * slices, H, W), modality-major, and the network gets (B, 2 * slices, H, W).
+    """
+
+    def __init__(self, network: nn.Module, input_modalities: Sequence[str], slices: int = 1) -> None:
+        super().__init__()
+        self.network = network
+        self.slices = slices
+        self.set_input_modalities(input_modalities)
+
+    def set_input_modalities(self, modalities: Sequence[str]) -> None:
+        """Declare which modalities the input channels hold, in order (C, P or CP inference)."""
+        self.input_modalities = check_modalities(modalities)
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        """H2ASeg switches deep supervision on itself, nnU-Net's U-Nets on their decoder."""
+        switch = self.network if hasattr(self.network, "deep_supervision") else self.network.decoder
+        switch.deep_supervision = enabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.slices == 1:
+            return self.network(fill_modality_channels(x, self.input_modalities))
+        expected = len(self.input_modalities) * self.slices
+        if x.shape[1] != expected:
+            raise ValueError(f"a 2.5D network takes {self.slices} neighbouring slices of each of "
+                             f"{list(self.input_modalities)} ({expected} channels), got {x.shape[1]}: nnU-Net's "
+                             f"2-D sliding window passes single slices, predict with `pemma predict`")
+        stacked = x.reshape(x.shape[0], len(self.input_modalities), self.slices, *x.shape[2:])
+        filled = fill_modality_channels(stacked, self.input_modalities)
+        return self.network(filled.reshape(x.shape[0], -1, *x.shape[2:]))

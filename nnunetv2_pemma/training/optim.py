@@ -13,8 +13,12 @@ _EXPONENTS = {"constant": 0.0, "poly": 0.9}
 
 def build_optimizer(network: torch.nn.Module, schedule: Schedule, num_epochs: int
                     ) -> tuple[torch.optim.Optimizer, PolyLRScheduler]:
-    """AdamW over the parameters that require gradients only (frozen ones get no optimiser state)."""
+    """AdamW (the PEMMA paper) or Adam (H2ASeg's paper) over the parameters that require gradients only (frozen
+    ones get no optimiser state). "SGD" is nnU-Net's own optimiser, which its trainer builds."""
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.initial_lr, weight_decay=schedule.weight_decay)
+    optimizers = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}
+    if schedule.optimizer not in optimizers:
+        raise ValueError(f"optimizer {schedule.optimizer!r} is built by nnU-Net's trainer, not here")
+    optimizer = optimizers[schedule.optimizer](params, lr=schedule.initial_lr, weight_decay=schedule.weight_decay)
     return optimizer, PolyLRScheduler(optimizer, schedule.initial_lr, num_epochs,
                                       exponent=_EXPONENTS[schedule.lr_schedule])

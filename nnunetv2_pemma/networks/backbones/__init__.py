@@ -1,7 +1,8 @@
-"""The backbones PEMMA adapts, by the name a preset's ``model.architecture`` gives them.
+"""The backbones PEMMA adapts, and the peer networks it is compared with, by a preset's ``model.architecture``.
 
 Each backbone module holds its typed model section (parse, patch-size rule, MONAI keyword arguments) and the
-builder of the plain MONAI network; its PEMMA form (modality slots) lives in ``nnunetv2_pemma.networks``.
+builder of the plain MONAI network; its PEMMA form (modality slots) lives in ``nnunetv2_pemma.networks``. The
+peers' sections live in ``nnunetv2_pemma.networks.peers.specs``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from typing import Any
 
 from nnunetv2_pemma.networks.backbones.swin import SwinUNETRSpec
 from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec
+from nnunetv2_pemma.networks.peers.specs import PEER_SPECS, H2ASegSpec, NNUNetSpec, SliceInteractionSpec
 
-ModelSpec = UNETRSpec | SwinUNETRSpec
-SPECS: dict[str, type[UNETRSpec] | type[SwinUNETRSpec]] = {UNETRSpec.architecture: UNETRSpec,
-                                                            SwinUNETRSpec.architecture: SwinUNETRSpec}
+ModelSpec = UNETRSpec | SwinUNETRSpec | NNUNetSpec | H2ASegSpec | SliceInteractionSpec
+SPECS: dict[str, type[ModelSpec]] = {spec.architecture: spec for spec in (UNETRSpec, SwinUNETRSpec, *PEER_SPECS)}
 
 
 def parse_model(model: Any) -> ModelSpec:

@@ -49,6 +49,7 @@ class SwinUNETRSpec:
     downsample: str = "merging"
 
     architecture: ClassVar[str] = "SwinUNETR"
+    network_class_name: ClassVar[str | None] = "monai.networks.nets.SwinUNETR"
 
     @classmethod
     def parse(cls, model: Mapping[str, Any]) -> "SwinUNETRSpec":

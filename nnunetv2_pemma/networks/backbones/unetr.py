@@ -32,6 +32,7 @@ class UNETRSpec:
     qkv_bias: bool
 
     architecture: ClassVar[str] = "UNETR"
+    network_class_name: ClassVar[str | None] = "monai.networks.nets.UNETR"
 
     @classmethod
     def parse(cls, model: Mapping[str, Any]) -> "UNETRSpec":
