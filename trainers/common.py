@@ -28,6 +28,15 @@ def run_by_nnunetv2_train() -> bool:
     return getattr(sys.modules.get("__main__"), "run_training_entry", None) is run_training_entry
 
 
+def run_by_nnunetv2_predict() -> bool:
+    """Whether this process is nnU-Net's prediction command (`nnUNetv2_predict` or its model-folder form)."""
+    from nnunetv2.inference import predict_from_raw_data as entry
+
+    main = sys.modules.get("__main__")
+    return any(getattr(main, name, None) is getattr(entry, name)
+               for name in ("predict_entry_point", "predict_entry_point_modelfolder"))
+
+
 def _one_line_errors(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)  # keeps the signature, from which nnU-Net's __init__ records its init_args
     def wrapper(*args: Any, **kwargs: Any) -> Any:

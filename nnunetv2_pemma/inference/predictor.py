@@ -18,6 +18,7 @@ from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY,
 from nnunetv2_pemma.errors import CheckpointError, PlansError
 from nnunetv2_pemma.inference.inputs import input_cases, refuse_existing_predictions
 from nnunetv2_pemma.inference.modalities import plans_for_modalities
+from nnunetv2_pemma.networks.peers.specs import SliceInteractionSpec
 from nnunetv2_pemma.plans import PEMMA_KEY, channel_modalities
 
 if TYPE_CHECKING:
@@ -33,12 +34,16 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
     """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunetv2_pemma.inference.slice_stack_predictor import SliceStackPredictor
+
     checkpoints = [Path(model_folder) / f"fold_{f}" / checkpoint_name for f in folds]
     for path in checkpoints:  # nnU-Net would stop with a traceback
         if not path.is_file():
             raise PlansError(f"no checkpoint {path}")
-    predictor = nnUNetPredictor(use_mirroring=tta, device=torch.device(device), verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=True)
+    options = dict(use_mirroring=tta, device=torch.device(device), verbose=False, verbose_preprocessing=False,
+                   allow_tqdm=True)
+    slices = _neighbour_slices(Path(model_folder))
+    predictor = nnUNetPredictor(**options) if slices is None else SliceStackPredictor(slices=slices, **options)
     predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name)
     records = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["init_args"] for path in checkpoints]
     for path, init_args, weights in zip(checkpoints, records, predictor.list_of_parameters):
@@ -62,6 +67,19 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
         block["adaptation"]["missing_modality"] = missing_modality
     _use_plans(predictor, plans, dataset_json, configuration)
     return predictor
+
+
+def _neighbour_slices(model_folder: Path) -> int | None:
+    """How many neighbouring slices of each modality a 2.5D model takes (from its plans.json), or None."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = model_folder.name.split("__")[-1]  # nnU-Net's TRAINER__PLANS__CONFIGURATION folder
+    plans = json.loads((model_folder / "plans.json").read_text())
+    if configuration not in plans["configurations"]:
+        return None
+    block = PlansManager(plans).get_configuration(configuration).configuration.get(PEMMA_KEY)
+    model = block["model"] if block else {}
+    return model.get("slices") if model.get("architecture") == SliceInteractionSpec.architecture else None
 
 
 def _check_base(checkpoint: Path, init_args: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:

@@ -23,6 +23,8 @@ from nnunetv2_pemma.trainers.adaptation.context_priors import PEMMAPriorTokensTr
 from nnunetv2_pemma.trainers.adaptation.mixture_of_adapters import PEMMAMoATrainer
 from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMADoRATrainer, PEMMATrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
+from nnunetv2_pemma.trainers.network_architecture.h2aseg import H2ASegTrainer
+from nnunetv2_pemma.trainers.network_architecture.slice_interaction import SliceInteractionTrainer
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
 Batch = dict[str, torch.Tensor | list[torch.Tensor]]
@@ -137,3 +139,17 @@ class EarlyFusionTrainer_stepTiming(FromCTBase, EarlyFusionTrainer):
 
 class nnUNetTrainer_stepTiming(StepTiming, nnUNetTrainer):
     """nnU-Net's own trainer and U-Net (a 3d_fullres configuration): deep supervision, SGD."""
+
+
+class H2ASegTrainer_stepTiming(StepTiming, H2ASegTrainer):
+    """H2ASeg from scratch on CT+PET: deep supervision at every level with the paper's weights, Adam."""
+
+
+class SliceInteractionTrainer_stepTiming(StepTiming, SliceInteractionTrainer):
+    """The 2.5D network from scratch: one batch of slice patches with k neighbouring slices of each modality."""
+
+    def random_batch(self, seed: int = 0) -> Batch:
+        """As nnU-Net's loader delivers it through the stacked-slice datasets: k channels per dataset channel."""
+        batch = super().random_batch(seed)
+        batch["data"] = batch["data"].repeat_interleave(self.pemma.model.slices, dim=1)
+        return batch

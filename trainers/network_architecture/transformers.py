@@ -50,6 +50,8 @@ class UNETRTrainer(OneLineErrors, FewCasesNeedFoldAll, nnUNetTrainer):
         self.configuration_manager.configuration[PEMMA_KEY] = block.to_json()
 
     def configure_optimizers(self):
+        if self.pemma.schedule.optimizer == "SGD":  # nnU-Net's own, with the preset's learning rate and budget
+            return nnUNetTrainer.configure_optimizers(self)
         return build_optimizer(self.network, self.pemma.schedule, self.num_epochs)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
