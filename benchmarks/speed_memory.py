@@ -19,7 +19,11 @@ How
       - PEMMA continual   PEMMAContinualTrainer on CT from a PEMMA model (LoRA trains);
       - early fusion      EarlyFusionTrainer on CT+PET from a CT base (everything trains);
       - nnU-Net U-Net     nnUNetTrainer on CT+PET, 3d_fullres as nnU-Net planned it for the phantom, at the
-                          preset's patch and batch (deep supervision, SGD).
+                          preset's patch and batch (deep supervision, SGD);
+      - H2ASeg            H2ASegTrainer on CT+PET from scratch (its preset at this size: h2aseg_tiny, _demo or
+                          h2aseg), deep supervision at every level, Adam;
+      - 2.5D network      SliceInteractionTrainer on CT+PET (2d configuration: slice patches at that preset's
+                          patch and batch, k neighbouring slices per modality), nnU-Net's deep supervision, SGD.
     Training step: median over --steps rounds after --warmup rounds, the trainers' steps interleaved round robin,
     so that load from other processes on a shared machine hits every trainer alike. On CPU torch runs one
     intra-op thread unless --threads says otherwise: with as many OpenMP threads as cores a co-tenant process
@@ -56,13 +60,15 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 import measure
 import workspace
+from nnunetv2_pemma.inference.slice_stack_predictor import SliceStackPredictor
 from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer_stepTiming,
                                                                PEMMAContinualTrainer_stepTiming,
                                                                PEMMADoRATrainer_stepTiming,
                                                                PEMMAMoATrainer_stepTiming,
                                                                PEMMAPriorTokensTrainer_stepTiming,
                                                                PEMMAPriorTrainer_stepTiming,
-                                                               PEMMATrainer_stepTiming, StepTiming,
+                                                               PEMMATrainer_stepTiming,
+                                                               SliceInteractionTrainer_stepTiming, StepTiming,
                                                                UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
 
 
@@ -71,7 +77,7 @@ class Setup:
     label: str
     trainer: type[StepTiming]
     dataset: str  # "ct" or "ctpet"
-    configuration: str  # "unetr" or "unet"
+    configuration: str  # the workspace's "unetr", "unet", "h2aseg" or "slices25d" configuration
     start: str | None  # the checkpoint it adapts: "ct_base", "pemma" or none
 
 
@@ -87,6 +93,9 @@ SETUPS = {
     "pemma_continual": Setup("PEMMA continual (CT only)", PEMMAContinualTrainer_stepTiming, "ct", "unetr", "pemma"),
     "early_fusion": Setup("Early fusion (CT+PET)", EarlyFusionTrainer_stepTiming, "ctpet", "unetr", "ct_base"),
     "unet": Setup("nnU-Net 3d_fullres U-Net (CT+PET)", nnUNetTrainer_stepTiming, "ctpet", "unet", None),
+    "h2aseg": Setup("H2ASeg (CT+PET)", H2ASegTrainer_stepTiming, "ctpet", "h2aseg", None),
+    "slices25d": Setup("2.5D slice interaction (CT+PET, 2d)", SliceInteractionTrainer_stepTiming, "ctpet",
+                       "slices25d", None),
 }
 EARLY, UNET = "early_fusion", "unet"
 INFERENCE = {  # row: (setup whose network predicts, label)
@@ -95,8 +104,10 @@ INFERENCE = {  # row: (setup whose network predicts, label)
     "pemma_CP": ("pemma_adaptation", "PEMMA (CP)"),
     "early_fusion_CP": ("early_fusion", "Early fusion (CP)"),
     "unet_CP": ("unet", "nnU-Net U-Net (CP)"),
+    "h2aseg_CP": ("h2aseg", "H2ASeg (CP)"),
+    "slices25d_CP": ("slices25d", "2.5D slice interaction (CP)"),
 }
-VOLUMES = {"tiny": (32, 48, 48), "paper": (192, 192, 192)}
+VOLUMES = {"tiny": (32, 48, 48), "demo": (32, 48, 48), "paper": (192, 192, 192)}
 DEFAULTS = {"cpu": {"warmup": 3, "steps": 10, "cases": 5, "threads": 1},
             "cuda": {"warmup": 5, "steps": 20, "cases": 5, "threads": None}}
 
@@ -112,7 +123,7 @@ def start(setup: Setup, ws: workspace.Workspace, device: str, log: str) -> StepT
     """The setup's trainer at its first step; nnU-Net's console output goes to `log`. Picklable through
     functools.partial, for the fresh memory processes."""
     dataset = ws.ct if setup.dataset == "ct" else ws.ctpet
-    configuration = ws.unetr_configuration if setup.configuration == "unetr" else ws.unet_configuration
+    configuration = getattr(ws, f"{setup.configuration}_configuration")
     weights = None if setup.start is None else getattr(ws, setup.start)
     with output_to(log):
         return setup.trainer.started(dataset, configuration, device, weights)
@@ -122,8 +133,10 @@ def predictor(trainer: StepTiming) -> nnUNetPredictor:
     """nnU-Net's predictor around the trainer's network, as its final validation builds it (no mirroring)."""
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    p = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=trainer.device,
-                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    options = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=trainer.device, verbose=False,
+                   verbose_preprocessing=False, allow_tqdm=False)
+    slices = getattr(trainer.pemma.model, "slices", None) if hasattr(trainer, "pemma") else None
+    p = nnUNetPredictor(**options) if slices is None else SliceStackPredictor(slices=slices, **options)
     p.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
                             trainer.dataset_json, type(trainer).__name__, None)
     return p
@@ -296,7 +309,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("tiny", "paper"), default=None,
+    parser.add_argument("--preset", choices=("tiny", "demo", "paper"), default=None,
                         help="network size and patch (default: paper on CUDA, tiny on CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")

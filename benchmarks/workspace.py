@@ -1,7 +1,8 @@
 """nnU-Net folders for the benchmarking trainers, made with the README's commands on a one-case phantom.
 
 Two datasets: CT (one CHUM case) for the CT UNETR and PEMMA's continual update, CT+PET (one MDA case) for PEMMA's
-adaptation, early fusion and nnU-Net's U-Net. Planning needs images; the timed steps run on random batches, so
+adaptation, early fusion, nnU-Net's U-Net and the peers (H2ASeg, the 2.5D network; their presets at the preset's
+size, as `pemma compare` picks them). Planning needs images; the timed steps run on random batches, so
 one case per dataset is enough. The preset's configuration comes from `pemma plans add/transfer`. nnU-Net's U-Net
 gets a configuration `3d_fullres_<preset>` that inherits 3d_fullres (nnU-Net's plans inheritance, as in its
 documentation's `3d_fullres_bs40`) with the preset's patch and batch, so every network sees the same input.
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nnunetv2_pemma.environment import nnunet_variables, preset_folder
+from nnunetv2_pemma.experiments.compare import peer_preset
+from nnunetv2_pemma.plans import load_preset
 
 BIN = Path(sys.executable).parent
 CT_ID, CTPET_ID = 901, 902
@@ -36,6 +39,8 @@ class Workspace:
     ctpet: str
     unetr_configuration: str
     unet_configuration: str
+    h2aseg_configuration: str  # the peers at the preset's size (`pemma compare`'s presets)
+    slices25d_configuration: str
     ct_base: str  # checkpoints the adapting trainers start from
     pemma: str
 
@@ -91,7 +96,9 @@ def prepare(root: Path, preset_name: str) -> Workspace:
     log = root / "workspace.log"
     ct, ctpet = f"Dataset{CT_ID}_BenchCT", f"Dataset{CTPET_ID}_BenchCTPET"
     results = Path(os.environ["nnUNet_results"])
+    peers = {kind: peer_preset(kind, preset_name) for kind in ("h2aseg", "slices25d")}
     ws = Workspace(str(root), preset_name, ct, ctpet, preset["configuration"], f"3d_fullres_{preset_name}",
+                   *(load_preset(p).configuration for p in peers.values()),
                    ct_base=str(results / "checkpoint_ct_base.pth"), pemma=str(results / "checkpoint_pemma.pth"))
     phantom = root / "phantom"
     _run(["pemma", "phantom", str(phantom), "--cases-per-center", "1"], log)
@@ -102,6 +109,9 @@ def prepare(root: Path, preset_name: str) -> Workspace:
     _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CTPET_ID), "--name", "BenchCTPET",
           "--centers", "MDA", "--modalities", "CT", "PET"], log)
     _run(["pemma", "plans", "transfer", str(CT_ID), str(CTPET_ID), "--preset", preset_name], log)
+    for peer in peers.values():
+        _run(["pemma", "plans", "add", str(CT_ID), "--preset", peer], log)
+        _run(["pemma", "plans", "transfer", str(CT_ID), str(CTPET_ID), "--preset", peer], log)
     _add_unet_configuration(Path(os.environ["nnUNet_preprocessed"]) / ctpet / "nnUNetPlans.json",
                             ws.unet_configuration, preset["patch_size"], preset["batch_size"])
     _starting_checkpoints(ws, log)

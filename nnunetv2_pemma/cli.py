@@ -110,6 +110,44 @@ def _reproduce(args: argparse.Namespace) -> None:
                         adapter_methods=args.adapter_methods))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.experiments.compare import markdown, run_compare
+
+    rows, paths = run_compare(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
+                              phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
+                              gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs)
+    print(f"{markdown(rows)}\n\nPeer table: {paths['md']}, {paths['csv']}, {paths['png']}; "
+          f"logs: {Path(args.out) / 'logs'}")
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="PEMMA beside nnU-Net's U-Net, early fusion, H2ASeg and a 2.5D network "
+                                       "(the peer table), resumable",
+                       description="Trains every row on the adaptation centre's CT+PET data (fold 0; PEMMA and early "
+                                   "fusion from the CT base of the pre-training centres; the 2.5D network also "
+                                   "pre-trained on those centres' CT+PET and fine-tuned) through nnU-Net's commands, "
+                                   "then scores CP (and C, P where a model takes them) on the fold-0 validation "
+                                   "cases: Dice, HD95, precision, recall per class, parameters, inference time per "
+                                   "case. Markdown, CSV and PNG. benchmarks/peer_table.py adds step time and memory.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
+    source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
+    p.add_argument("--preset", choices=("demo", "paper"), default="demo",
+                   help="the size of every row: demo (CPU; the peers' *_demo presets) or paper")
+    p.add_argument("--out", required=True,
+                   help="output folder (holds its own nnU-Net folders); may be a finished `pemma demo`/`reproduce` "
+                        "run of the same preset, whose models it reuses")
+    p.add_argument("--cases-per-center", type=int, default=30, help="phantom cases per centre")
+    p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--cpu-jobs", type=int, default=2,
+                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                   help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
+    p.set_defaults(func=_compare)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
@@ -373,8 +411,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_env, _add_reproduce, _add_phantom, _add_convert, _add_plans, _add_predict, _add_predict_risk,
-    _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_evaluate_survival, _add_parameters)
+    _add_demo, _add_env, _add_reproduce, _add_compare, _add_phantom, _add_convert, _add_plans, _add_predict,
+    _add_predict_risk, _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_evaluate_survival,
+    _add_parameters)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ NEW_CENTRES = {"New dataset 1": (*PAPER_STAGES["new_dataset_1"], 510),
 SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
     "full": {"New dataset 1": ("C", "CP"), "New dataset 2": ("C", "CP")},
     "demo": {"New dataset 1": ("C",)},
+    "adaptation": {},  # the adaptation stage only (`pemma compare`)
 }
 
 
