@@ -70,7 +70,7 @@ def run_job(job: Job, env: dict[str, str], logs: Path, slot: Slot | None = None)
     with log.open("w") as f:
         code = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        raise PemmaError(f"reproduce: job '{job.name}' failed (exit {code}); its log: {log}")
+        raise PemmaError(f"job '{job.name}' failed (exit {code}); its log: {log}")
     success_marker(logs, job.name).touch()
     return time.perf_counter() - start
 
@@ -83,7 +83,7 @@ def run_jobs(jobs: dict[str, Job], env: dict[str, str], logs: Path, slots: Seque
     free: list[Slot] = list(slots) or [Slot()]
     timings: dict[str, float] = {}
     running: dict[Future, tuple[str, Slot | None]] = {}
-    bar = tqdm(total=len(jobs), initial=len(finished), desc="pemma reproduce", unit="job")
+    bar = tqdm(total=len(jobs), initial=len(finished), desc="jobs", unit="job")
     with ThreadPoolExecutor(max_workers=len(free) + 1) as pool:
         while pending or running:
             for name in [n for n, j in pending.items() if set(j.after) <= finished]:
@@ -101,7 +101,7 @@ def run_jobs(jobs: dict[str, Job], env: dict[str, str], logs: Path, slots: Seque
                 running[pool.submit(run_job, job, env, logs, slot)] = (name, slot)
             if not running:
                 waiting = {n: sorted(set(j.after) - finished) for n, j in pending.items()}
-                raise PemmaError(f"reproduce: jobs wait on jobs that cannot run: {waiting}")
+                raise PemmaError(f"jobs wait on jobs that cannot run: {waiting}")
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:
                 name, slot = running.pop(future)
