@@ -62,6 +62,7 @@ import measure
 import workspace
 from nnunetv2_pemma.inference.slice_stack_predictor import SliceStackPredictor
 from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer_stepTiming,
+                                                               H2ASegTrainer_stepTiming,
                                                                PEMMAContinualTrainer_stepTiming,
                                                                PEMMADoRATrainer_stepTiming,
                                                                PEMMAMoATrainer_stepTiming,

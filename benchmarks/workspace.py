@@ -59,7 +59,10 @@ def _run(args: list[str], log: Path) -> None:
         out.write(f"\n$ {' '.join(args)}\n")
         out.flush()
         start = time.perf_counter()
-        done = subprocess.run([str(exe) if exe.exists() else args[0], *args[1:]], stdout=out, stderr=out)
+        env = dict(os.environ)
+        if args[0] == "nnUNetv2_plan_and_preprocess":  # the planner hands it to torch.set_num_threads, which rejects 0
+            env.pop("nnUNet_n_proc_DA", None)
+        done = subprocess.run([str(exe) if exe.exists() else args[0], *args[1:]], stdout=out, stderr=out, env=env)
         out.write(f"[{time.perf_counter() - start:.1f} s]\n")
     if done.returncode:
         raise RuntimeError(f"{' '.join(args)} exited {done.returncode}; see {log}")

@@ -17,7 +17,8 @@ from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer
                                                                UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
 
 pytestmark = pytest.mark.slow
-SETUPS = ("ct_unetr", "pemma_adaptation", "pemma_prior", "pemma_moa", "pemma_continual", "early_fusion", "unet")
+SETUPS = ("ct_unetr", "pemma_adaptation", "pemma_prior", "pemma_moa", "pemma_continual", "early_fusion", "unet",
+          "h2aseg", "slices25d")
 """The setups the test runs (speed_memory.py has DoRA and prior tokens too, which differ from these in one layer)."""
 
 
@@ -126,6 +127,9 @@ def test_driver_writes_json_and_markdown(bench: dict) -> None:
     assert "adapter_final.safetensors" in result["files"]["pemma_adaptation"]
     assert result["train"]["pemma_adaptation"]["trainable"] < result["train"]["early_fusion"]["trainable"]
     assert result["train"]["unet"]["loss"] == "DeepSupervisionWrapper"
+    assert result["train"]["h2aseg"]["loss"] == "DeepSupervisionWrapper"
+    assert result["train"]["slices25d"]["patch_size"] == [32, 32]
+    assert {"h2aseg_CP", "slices25d_CP"} <= set(result["inference"])  # the 2.5D network through stacked slices
     assert all(len(row["case_s_all"]) == 1 for row in result["inference"].values())
     markdown = (bench["root"] / "out.md").read_text()
     assert markdown.strip() in bench["stdout"]

@@ -207,7 +207,7 @@ def write_table(rows: Sequence[dict], out: Path, name: str, columns: Sequence[st
     ax.set_ylabel("mean Dice (CP input)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(paths["png"], dpi=120)
     plt.close(fig)
