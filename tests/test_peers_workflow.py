@@ -146,7 +146,8 @@ def test_peer_table_scores_every_row(workflow: dict, peers: dict) -> None:
         assert 0 < r["trainable"] <= r["total"] and r["inference_s_per_case"] > 0
     pemma = next(r for r in rows if r["method"] == "PEMMA")
     early = next(r for r in rows if r["method"] == "UNETR early fusion")
-    assert pemma["trainable"] < pemma["total"] and early["trainable"] == early["total"]
+    assert pemma["trainable"] < 0.2 * pemma["total"]
+    assert 0.99 * early["total"] < early["trainable"] < early["total"]  # all but MONAI's unused cross-attention norms
     paths = write_table(rows, workflow["root"], "peer_test")
     assert all(p.stat().st_size > 0 for p in paths.values())
     assert paths["md"].read_text().count("\n| ") == len(rows) + 1

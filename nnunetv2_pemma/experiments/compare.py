@@ -124,13 +124,12 @@ class Comparison(Protocol):
 
 
 def _parameters(network) -> tuple[int, int]:
-    """(trainable, total): what the row's training updates (PEMMA: its adapters; the others: everything)."""
+    """(trainable, total): what the row's training updates (PEMMA: its adapters; the others: every weight their
+    network leaves trainable, e.g. not MONAI's unused cross-attention norms in early fusion)."""
     from nnunetv2_pemma.adaptation.methods import train_only
 
     if hasattr(network, "adapter_methods"):
         train_only(network, "adaptation")
-    else:
-        network.requires_grad_(True)
     return (sum(p.numel() for p in network.parameters() if p.requires_grad),
             sum(p.numel() for p in network.parameters()))
 
