@@ -63,7 +63,8 @@ def test_plain_base_rejects_bad_patch_size(backbone, patch, message):
     ("SwinUNETR", {"feature_sise": 12}, r"unknown keys \['feature_sise'\]"),
     ("SwinUNETR", {"num_heads": [5, 5, 5, 5]}, r"num_heads \[5, 5, 5, 5\] must divide the stage widths"),
     ("SwinUNETR", {"architecture": "UNETR"}, r"missing keys \['hidden_size'.*unknown keys \['attn_drop_rate'"),
-    ("SwinUNETR", {"architecture": "SwinUNETR3"}, r"'SwinUNETR3' is not one of \['SwinUNETR', 'UNETR'\]"),
+    ("SwinUNETR", {"architecture": "SwinUNETR3"},
+     r"'SwinUNETR3' is not one of \['H2ASeg', 'SliceInteraction25D', 'SwinUNETR', 'UNETR', 'nnUNet'\]"),
 ])
 def test_model_section_rejects_bad_keys(backbone, change, message):
     model = Tiny.of(backbone).preset.model
