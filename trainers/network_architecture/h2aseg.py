@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.networks.build import build_h2aseg
 from nnunetv2_pemma.networks.peers.h2aseg import level_weights
-from nnunetv2_pemma.trainers.adaptation.adapting import unwrap
+from nnunetv2_pemma.trainers.network_architecture.deep_supervision import ChannelNetworkDeepSupervision
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
 
-class H2ASegTrainer(UNETRTrainer):
+class H2ASegTrainer(ChannelNetworkDeepSupervision, UNETRTrainer):
     """H2ASeg from an "H2ASeg" preset (e.g. `h2aseg`: widths 8-128, window 8x8x4, Adam 1e-4). Every level's
     prediction is supervised through nnU-Net's own machinery (targets down-sampled by its data loader, its
     Dice + cross-entropy loss in DeepSupervisionWrapper) with the paper's level weights (6 - k), normalised. An
@@ -21,19 +20,11 @@ class H2ASegTrainer(UNETRTrainer):
 
     architecture = "H2ASeg"
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = True
-
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return build_h2aseg(PemmaBlock.of(configuration_manager), num_output_channels,
                             configuration_manager.patch_size, enable_deep_supervision)
-
-    def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        unwrap(self.network).set_deep_supervision(enabled)
 
     def _get_deep_supervision_scales(self) -> list[list[float]] | None:
         """One scale per level (H2ASeg halves the patch at each), highest resolution first."""

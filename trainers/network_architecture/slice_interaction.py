@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from torch import nn
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
@@ -12,14 +11,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_pemma.config import MODALITIES, PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_slice_interaction
-from nnunetv2_pemma.trainers.adaptation.adapting import unwrap
+from nnunetv2_pemma.trainers.network_architecture.deep_supervision import ChannelNetworkDeepSupervision
 from nnunetv2_pemma.trainers.common import run_by_nnunetv2_predict, run_by_nnunetv2_train
 from nnunetv2_pemma.training.checkpoints import pretrained_weights_argument
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 from nnunetv2_pemma.training.slice_stacking import NeighbourDatasets
 
 
-class SliceInteractionTrainer(UNETRTrainer):
+class SliceInteractionTrainer(ChannelNetworkDeepSupervision, UNETRTrainer):
     """A "SliceInteraction25D" preset on a configuration inheriting nnU-Net's `2d`: every training sample is one
     slice's patch with its k neighbours of each modality stacked as channels (reflected at the volume's ends), fed
     through the slice interaction module into nnU-Net's 2-D U-Net (its deep supervision, loss and data
@@ -28,11 +27,6 @@ class SliceInteractionTrainer(UNETRTrainer):
     window passes the network single slices)."""
 
     architecture = "SliceInteraction25D"
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = True
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
@@ -48,9 +42,6 @@ class SliceInteractionTrainer(UNETRTrainer):
                                                         len(MODALITIES) * block.model.slices, num_output_channels,
                                                         enable_deep_supervision)
         return build_slice_interaction(block, unet)
-
-    def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        unwrap(self.network).set_deep_supervision(enabled)
 
     def initialize(self) -> None:
         """nnU-Net's, with the dataset class that stacks neighbouring slices (training loaders and the final
