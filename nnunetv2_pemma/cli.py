@@ -120,6 +120,20 @@ def _compare(args: argparse.Namespace) -> None:
           f"logs: {Path(args.out) / 'logs'}")
 
 
+def _add_job_graph_options(p: argparse.ArgumentParser) -> None:
+    """The data and machine options of the commands that run a job graph (reproduce, compare)."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
+    source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
+    p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--cpu-jobs", type=int, default=2,
+                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                   help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="PEMMA beside nnU-Net's U-Net, early fusion, H2ASeg and a 2.5D network "
                                        "(the peer table), resumable",
@@ -129,22 +143,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                                    "then scores CP (and C, P where a model takes them) on the fold-0 validation "
                                    "cases: Dice, HD95, precision, recall per class, parameters, inference time per "
                                    "case. Markdown, CSV and PNG. benchmarks/peer_table.py adds step time and memory.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
-    source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
+    _add_job_graph_options(p)
     p.add_argument("--preset", choices=("demo", "paper"), default="demo",
                    help="the size of every row: demo (CPU; the peers' *_demo presets) or paper")
     p.add_argument("--out", required=True,
                    help="output folder (holds its own nnU-Net folders); may be a finished `pemma demo`/`reproduce` "
                         "run of the same preset, whose models it reuses")
     p.add_argument("--cases-per-center", type=int, default=30, help="phantom cases per centre")
-    p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
-    p.add_argument("--cpu-jobs", type=int, default=2,
-                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
-                   help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
     p.set_defaults(func=_compare)
 
 
@@ -352,9 +357,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                        description="CT base -> MDA adaptation -> HGJ and HMR updates (C and CP) for PEMMA, early "
                                    "and late fusion through nnU-Net's commands; CP/C/P inference on each stage's "
                                    "validation cases; Table 2 as Markdown, CSV and PNG. A finished job is not redone.")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
-    source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
+    _add_job_graph_options(p)
     p.add_argument("--prognosis", action="store_true",
                    help="the extended paper's prognosis table instead (C, CP, CPT; PEMMA LoRA/DoRA vs early fusion; "
                         "C-index on fold 0's validation cases of all training centres)")
@@ -365,8 +368,6 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-per-center", type=int, default=None,
                    help="phantom cases per centre (default 30: 6 fold-0 validation cases per stage; with "
                         "--prognosis 40: 56 validation cases)")
-    p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--scope", choices=("full", "demo"), default="full",
                    help="full: both new centres, each trained with C and with CP; demo: the adaptation stage and "
                         "new dataset 1's CT-only update")
@@ -374,11 +375,6 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
                    metavar="METHOD",
                    help=f"also PEMMA with these adaptation methods ({', '.join(sorted(ADAPTER_METHODS))}), as extra "
                         f"Table 2 rows trained at every stage (segmentation protocol only)")
-    p.add_argument("--cpu-jobs", type=int, default=2,
-                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
-                   help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")
     p.set_defaults(func=_reproduce)
 
 
