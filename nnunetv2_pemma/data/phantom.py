@@ -7,13 +7,19 @@ physical coordinates (mm); CT, PET and label are samplings of that one model, so
 grids.
 
 Coordinates are ITK's (LPS, identity direction): +x is the patient's left, +y posterior, +z superior (the head end).
+
+With `misalign=(MM, DEG)` the patient moves between the CT and the PET: each case's PET shows the anatomy after a
+rigid motion of exactly MM mm and DEG degrees in random directions (the truth is written to MISALIGNMENT_FILE), so
+that the registration's accuracy can be measured. CT, labels and tables stay byte-identical to the aligned phantom.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +39,8 @@ CLINICAL_COLUMNS: tuple[str, ...] = ("PatientID", "Task 1", "Task 2", "CenterID"
                                      "Alcohol", "Performance status", "HPV status (0=-, 1=+)", "Surgery",
                                      "Chemotherapy")
 ENDPOINT_COLUMNS: tuple[str, ...] = ("PatientID", "Relapse", "RFS")
-HECKTOR_ENTRIES: tuple[str, ...] = ("imagesTr", "labelsTr", "imagesTs", CLINICAL_CSV, ENDPOINT_CSV)
+MISALIGNMENT_FILE = "phantom_misalignment.json"
+HECKTOR_ENTRIES: tuple[str, ...] = ("imagesTr", "labelsTr", "imagesTs", CLINICAL_CSV, ENDPOINT_CSV, MISALIGNMENT_FILE)
 
 MAX_CASES_PER_CENTER = 200
 # Test ids of a centre that also has training cases (MDA) start here, so the two never share an id (or a seed).
@@ -43,6 +50,7 @@ CENTER_IDS: dict[str, int] = {c: i for i, c in enumerate(dict.fromkeys(TRAINING_
 
 PET_PIXEL_MM = 4.0
 PET_MARGIN_MM = 6.0  # PET reaches this far beyond the CT field of view on every side
+MAX_MISALIGN_MM, MAX_MISALIGN_DEG = 50.0, 30.0  # beyond any patient motion on a PET/CT bed
 PET_SUPERSAMPLE = 3  # samples per PET voxel and axis: partial-volume activity at sub-voxel accuracy
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -179,6 +187,32 @@ class Anatomy:
 
 
 @dataclass(frozen=True)
+class RigidMotion:
+    """How the patient moved from the CT to the PET: a CT point `x` of the anatomy is at
+    R (x - center) + center + translation in the PET, R the rotation by `angle_deg` about the unit vector `axis`."""
+
+    center: tuple[float, float, float]
+    axis: tuple[float, float, float]
+    angle_deg: float
+    translation: tuple[float, float, float]
+
+    def transform(self) -> sitk.VersorRigid3DTransform:
+        """The motion as the SimpleITK transform a registration of PET (moving) to CT (fixed) should find."""
+        motion = sitk.VersorRigid3DTransform()
+        motion.SetCenter(self.center)
+        motion.SetRotation(self.axis, math.radians(self.angle_deg))
+        motion.SetTranslation(self.translation)
+        return motion
+
+    def to_anatomy(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, ...]:
+        """PET points -> the anatomy points they show (the inverse motion), for arrays of coordinates."""
+        rotation = np.reshape(self.transform().GetMatrix(), (3, 3))
+        points = np.stack([x, y, z]) - np.reshape(np.add(self.center, self.translation), (3,) + (1,) * x.ndim)
+        moved = np.tensordot(rotation.T, points, axes=1) + np.reshape(self.center, (3,) + (1,) * x.ndim)
+        return moved[0], moved[1], moved[2]
+
+
+@dataclass(frozen=True)
 class Case:
     case_id: str
     center: str
@@ -186,6 +220,7 @@ class Case:
     ct_grid: Grid
     pet_grid: Grid
     profile: CenterProfile
+    motion: RigidMotion | None = None  # the patient's motion between CT and PET; None: aligned
 
 
 @dataclass(frozen=True)
@@ -198,6 +233,7 @@ class PhantomSummary:
     case_ids: tuple[str, ...]
     test_case_ids: tuple[str, ...]
     cases_without_gtvn: tuple[str, ...]
+    misalign: tuple[float, float] | None = None
 
     def __str__(self) -> str:
         def centers(ids: tuple[str, ...]) -> str:
@@ -205,6 +241,9 @@ class PhantomSummary:
 
         test = (f", plus {len(self.test_case_ids)} unlabelled test cases in imagesTs/ ({centers(self.test_case_ids)})"
                 if self.test_case_ids else "")
+        if self.misalign is not None:
+            test += (f"; every PET misaligned by {self.misalign[0]:g} mm and {self.misalign[1]:g} degrees (truth in "
+                     f"{MISALIGNMENT_FILE})")
         return (f"Wrote a synthetic HECKTOR 2022 phantom to {self.out_dir} (size '{self.size}', seed {self.seed}): "
                 f"{len(self.case_ids)} training cases from {centers(self.case_ids)} in imagesTr/ (CT in HU; PET in "
                 f"SUV on its own {PET_PIXEL_MM:g} mm grid) and labelsTr/ (1 GTVp, 2 GTVn; "
@@ -214,31 +253,35 @@ class PhantomSummary:
 
 
 def write_phantom(out_dir: Path, cases_per_center: int, size: str = "small", seed: int = 0,
-                  test_cases_per_center: int = 0) -> PhantomSummary:
+                  test_cases_per_center: int = 0, misalign: tuple[float, float] | None = None) -> PhantomSummary:
     """Write `cases_per_center` labelled cases for each HECKTOR 2022 training centre (and optionally unlabelled test
     cases) with the clinical and endpoint tables into `out_dir`, atomically: the files are built in a temporary
     sibling folder and moved in at the end, so a failed run leaves nothing half-written.
 
     Each case is seeded from (seed, case id): the same arguments give the same bytes, and more cases per centre
-    leave the existing ones unchanged.
+    leave the existing ones unchanged. misalign: (mm, degrees) of patient motion between CT and PET in every case
+    (random directions; the truth goes to MISALIGNMENT_FILE); None or (0, 0): aligned.
     """
     out_dir = Path(out_dir)
-    _validate(out_dir, cases_per_center, size, seed, test_cases_per_center)
+    _validate(out_dir, cases_per_center, size, seed, test_cases_per_center, misalign)
+    misalign = None if misalign is None or not any(misalign) else (float(misalign[0]), float(misalign[1]))
     train = [(c, f"{c}-{i:03d}") for c in TRAINING_CENTERS_2022 for i in range(1, cases_per_center + 1)]
     test = [(c, f"{c}-{i + (TEST_ID_OFFSET if c in TRAINING_CENTERS_2022 else 0):03d}")
             for c in TEST_CENTERS_2022 for i in range(1, test_cases_per_center + 1)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        no_nodes = _write_cases(tmp, train, test, SIZES[size], seed)
+        no_nodes = _write_cases(tmp, train, test, SIZES[size], seed, misalign)
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PhantomSummary(out_dir=out_dir, size=size, seed=seed, case_ids=tuple(i for _, i in train),
-                          test_case_ids=tuple(i for _, i in test), cases_without_gtvn=tuple(no_nodes))
+                          test_case_ids=tuple(i for _, i in test), cases_without_gtvn=tuple(no_nodes),
+                          misalign=misalign)
 
 
-def _validate(out_dir: Path, cases_per_center: int, size: str, seed: int, test_cases_per_center: int) -> None:
+def _validate(out_dir: Path, cases_per_center: int, size: str, seed: int, test_cases_per_center: int,
+              misalign: tuple[float, float] | None) -> None:
     """Reject bad arguments before anything is written."""
     def count_ok(n: object, low: int) -> bool:
         return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and low <= n <= MAX_CASES_PER_CENTER
@@ -253,6 +296,12 @@ def _validate(out_dir: Path, cases_per_center: int, size: str, seed: int, test_c
         raise InputDataError(f"unknown phantom size {size!r}; choose one of {', '.join(SIZES)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise InputDataError(f"seed must be a non-negative integer, got {seed!r}")
+    if misalign is not None:
+        values = np.asarray(misalign, dtype=float) if len(misalign) == 2 else np.array([np.nan])
+        if not (np.all(np.isfinite(values)) and 0 <= values[0] <= MAX_MISALIGN_MM
+                and 0 <= values[1] <= MAX_MISALIGN_DEG):
+            raise InputDataError(f"misalign must be a shift from 0 to {MAX_MISALIGN_MM:g} mm and a rotation from 0 to "
+                                 f"{MAX_MISALIGN_DEG:g} degrees, got {list(misalign)}")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputDataError(f"{out_dir} exists and is not a folder")
     present = [name for name in HECKTOR_ENTRIES if (out_dir / name).exists()]
@@ -271,15 +320,17 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str, str]], size: PhantomSize,
-                 seed: int) -> list[str]:
+                 seed: int, misalign: tuple[float, float] | None) -> list[str]:
     """Write every case's images (and labels and table rows for training cases); returns the cases without GTVn."""
     for folder in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()):
         (root / folder).mkdir()
-    clinical, endpoint, no_nodes = [], [], []
+    clinical, endpoint, no_nodes, truth = [], [], [], {}
     jobs = [(c, i, "imagesTr") for c, i in train] + [(c, i, "imagesTs") for c, i in test]
     for center, case_id, folder in tqdm(jobs, desc="phantom", unit="case"):
-        geometry_rng, ct_rng, pet_rng, patient_rng = _case_rngs(case_id, seed)
-        case = _draw_case(case_id, center, size, geometry_rng)
+        geometry_rng, ct_rng, pet_rng, patient_rng, motion_rng = _case_rngs(case_id, seed)
+        case = _draw_case(case_id, center, size, geometry_rng, misalign, motion_rng)
+        if case.motion is not None:
+            truth[case_id] = dataclasses.asdict(case.motion)
         ct, label = _ct_and_label(case, ct_rng)
         _write(ct, root / folder / f"{case_id}__CT.nii.gz")
         _write(_pet(case, pet_rng), root / folder / f"{case_id}__PT.nii.gz")
@@ -294,17 +345,34 @@ def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str,
         clinical.append(row)
         endpoint.append(outcome)
     _write_tables(root, clinical, endpoint)
+    if misalign is not None:
+        (root / MISALIGNMENT_FILE).write_text(json.dumps(
+            {"shift_mm": misalign[0], "rotation_deg": misalign[1], "cases": truth}, indent=1))
     return no_nodes
 
 
+def read_misalignment(root: Path) -> dict[str, RigidMotion]:
+    """The true motion of each case of a phantom written with `misalign`, by case id."""
+    path = Path(root) / MISALIGNMENT_FILE
+    if not path.is_file():
+        raise InputDataError(f"no {MISALIGNMENT_FILE} in {root}: not a phantom written with --misalign")
+    cases = json.loads(path.read_text())["cases"]
+    return {case_id: RigidMotion(**{k: tuple(v) if isinstance(v, list) else v for k, v in motion.items()})
+            for case_id, motion in cases.items()}
+
+
 def _case_rngs(case_id: str, seed: int) -> tuple[np.random.Generator, ...]:
-    """Independent generators for a case's geometry, CT noise, PET noise and clinical record."""
-    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence([seed, *case_id.encode()]).spawn(4))
+    """Independent generators for a case's geometry, CT noise, PET noise, clinical record and CT-to-PET motion (the
+    first four are those of the aligned phantom: `spawn` keys children by their index)."""
+    return tuple(np.random.default_rng(s) for s in np.random.SeedSequence([seed, *case_id.encode()]).spawn(5))
 
 
-def case_model(case_id: str, center: str, size: str = "small", seed: int = 0) -> Case:
-    """The analytic model (anatomy, lesions, mimics, grids) behind a case `write_phantom` writes with `seed`."""
-    return _draw_case(case_id, center, SIZES[size], _case_rngs(case_id, seed)[0])
+def case_model(case_id: str, center: str, size: str = "small", seed: int = 0,
+               misalign: tuple[float, float] | None = None) -> Case:
+    """The analytic model (anatomy, lesions, mimics, grids, motion) behind a case `write_phantom` writes with `seed`
+    and `misalign`."""
+    rngs = _case_rngs(case_id, seed)
+    return _draw_case(case_id, center, SIZES[size], rngs[0], misalign, rngs[4])
 
 
 def _write(image: sitk.Image, path: Path) -> None:
@@ -313,8 +381,10 @@ def _write(image: sitk.Image, path: Path) -> None:
 
 # --- geometry -----------------------------------------------------------------------------------------------------
 
-def _draw_case(case_id: str, center: str, size: PhantomSize, rng: np.random.Generator) -> Case:
-    """Place the patient in scanner coordinates, choose both grids and draw the lesions and hot spots."""
+def _draw_case(case_id: str, center: str, size: PhantomSize, rng: np.random.Generator,
+               misalign: tuple[float, float] | None = None, motion_rng: np.random.Generator | None = None) -> Case:
+    """Place the patient in scanner coordinates, choose both grids, draw the lesions and hot spots and, with
+    `misalign`, the patient's motion between CT and PET (the PET field of view grows to keep the moved neck)."""
     profile = CENTER_PROFILES[center]
     ct_spacing = (profile.ct_pixel_mm, profile.ct_pixel_mm, profile.ct_slice_mm)
     ct_size = (size.ct_xy_voxels, size.ct_xy_voxels, round(size.z_fov_mm / profile.ct_slice_mm))
@@ -325,12 +395,24 @@ def _draw_case(case_id: str, center: str, size: PhantomSize, rng: np.random.Gene
     ct_grid = _centered_grid(ct_center, ct_spacing, ct_size)
     pet_spacing = np.array([PET_PIXEL_MM, PET_PIXEL_MM, profile.pet_slice_mm])
     ct_extent = np.asarray(ct_spacing) * ct_size
-    pet_size = tuple(int(n) for n in np.ceil((ct_extent + 2 * PET_MARGIN_MM) / pet_spacing))
+    motion = None if misalign is None or not any(misalign) else _draw_motion(ct_center, misalign, motion_rng)
+    # The farthest a CT corner moves: the PET must still see the whole neck.
+    reach = 0.0 if motion is None else misalign[0] + float(np.linalg.norm(ct_extent)) * math.sin(
+        math.radians(misalign[1]) / 2)
+    pet_size = tuple(int(n) for n in np.ceil((ct_extent + 2 * (PET_MARGIN_MM + reach)) / pet_spacing))
     # A shift of a fraction of a PET voxel: the PET grid is never the CT grid subsampled.
     pet_grid = _centered_grid(ct_center + rng.uniform(-1.5, 1.5, 3), tuple(pet_spacing), pet_size)
     z_lo, z_hi = (float(b[2]) for b in ct_grid.bounds())
     anatomy = _draw_anatomy(float(axis[0]), float(axis[1]), z_lo, z_hi, size, rng)
-    return Case(case_id, center, anatomy, ct_grid, pet_grid, profile)
+    return Case(case_id, center, anatomy, ct_grid, pet_grid, profile, motion)
+
+
+def _draw_motion(center: np.ndarray, misalign: tuple[float, float], rng: np.random.Generator) -> RigidMotion:
+    """A rotation of exactly misalign[1] degrees about a random axis through the CT field's centre, then a shift of
+    exactly misalign[0] mm in a random direction."""
+    axis, direction = (v / np.linalg.norm(v) for v in rng.normal(size=(2, 3)))
+    return RigidMotion(tuple(float(v) for v in center), tuple(float(v) for v in axis), float(misalign[1]),
+                       tuple(float(v) for v in direction * misalign[0]))
 
 
 def _centered_grid(center: np.ndarray, spacing: tuple[float, ...], size: tuple[int, ...]) -> Grid:
@@ -518,7 +600,8 @@ def _ct_and_label(case: Case, rng: np.random.Generator) -> tuple[sitk.Image, sit
 def _pet(case: Case, rng: np.random.Generator) -> sitk.Image:
     """PET in SUV (float32) on its own grid: partial-volume activity, scanner PSF, Poisson noise, calibration."""
     grid, profile, k = case.pet_grid, case.profile, PET_SUPERSAMPLE
-    _, suv, _ = _render(case.anatomy, *grid.coordinates(k))
+    points = grid.coordinates(k)
+    _, suv, _ = _render(case.anatomy, *(points if case.motion is None else case.motion.to_anatomy(*points)))
     nx, ny, nz = grid.size
     activity = suv.reshape(nz, k, ny, k, nx, k).mean(axis=(1, 3, 5))
     sigma = tuple(profile.pet_fwhm_mm * FWHM_TO_SIGMA / sp for sp in reversed(grid.spacing))
