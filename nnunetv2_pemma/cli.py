@@ -19,21 +19,39 @@ def _phantom(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.data.phantom import write_phantom
 
     summary = write_phantom(Path(args.out), cases_per_center=args.cases_per_center, size=args.size, seed=args.seed,
-                            test_cases_per_center=args.test_cases_per_center)
+                            test_cases_per_center=args.test_cases_per_center,
+                            misalign=tuple(args.misalign) if args.misalign else None)
     print(summary)
 
 
 def _convert_hecktor(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.data.hecktor import convert_hecktor
+    from nnunetv2_pemma.data.registration import RegistrationLimits
 
     try:
         report = convert_hecktor(Path(args.input), dataset_id=args.dataset_id, name=args.name, centers=args.centers,
                                  modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
-                                 edition=args.edition, skip_bad=args.skip_bad, with_outcomes=args.with_outcomes)
+                                 edition=args.edition, skip_bad=args.skip_bad, with_outcomes=args.with_outcomes,
+                                 register=args.register,
+                                 limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the library turns it into KeyboardInterrupt)
         why = str(e) or "Ctrl-C"
         raise PemmaError(f"interrupted ({why}); the unfinished dataset and its lock were removed") from None
     print(report)
+
+
+def _check_alignment(args: argparse.Namespace) -> None:
+    from nnunetv2_pemma.data.alignment import check_alignment, format_rows, write_csv
+    from nnunetv2_pemma.data.registration import RegistrationLimits
+
+    rows = check_alignment(Path(args.input), edition=args.edition, centers=args.centers, crop=args.crop,
+                           crop_size_mm=tuple(args.crop_size_mm), tolerance_mm=args.tolerance_mm,
+                           tolerance_deg=args.tolerance_deg,
+                           limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg))
+    print(format_rows(rows, args.tolerance_mm, args.tolerance_deg))
+    if args.csv:
+        write_csv(rows, Path(args.csv))
+        print(f"wrote {args.csv}")
 
 
 def _plans_add(args: argparse.Namespace) -> None:
@@ -222,7 +240,35 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=("small", "demo"), default="small",
                    help="small: ~48 voxels a side (tests); demo: larger")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--misalign", nargs=2, type=float, metavar=("MM", "DEG"), default=None,
+                   help="move each patient between CT and PET by MM mm and DEG degrees in random directions (truth "
+                        "in phantom_misalignment.json), to measure registration")
     p.set_defaults(func=_phantom)
+
+
+def _add_registration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-shift-mm", type=float, default=20.0,
+                   help="plausibility limit: largest move of the CT body's centre a registration may make (mm)")
+    p.add_argument("--max-rotation-deg", type=float, default=10.0,
+                   help="plausibility limit: largest rotation a registration may make (degrees)")
+
+
+def _add_check_alignment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-alignment", help="flag HECKTOR cases whose PET and CT are out of register",
+                       description="Estimate each case's PET-to-CT misalignment with the rigid registration of "
+                                   "`convert-hecktor --register rigid`, without writing a dataset, and flag the "
+                                   "cases beyond the tolerances.")
+    p.add_argument("input", help="HECKTOR folder (2022: imagesTr/, labelsTr/; 2021: flat files + bbox CSV)")
+    p.add_argument("--edition", type=int, choices=(2022, 2021), default=2022)
+    p.add_argument("--centers", nargs="+", default=None, help="centres to check (default: all)")
+    p.add_argument("--crop", choices=("headneck", "none"), default="headneck",
+                   help="region compared, as the conversion would crop it")
+    p.add_argument("--crop-size-mm", nargs=3, type=float, default=(200.0, 200.0, 310.0), metavar=("X", "Y", "Z"))
+    p.add_argument("--tolerance-mm", type=float, default=4.0, help="flag shifts above this (default: a PET voxel)")
+    p.add_argument("--tolerance-deg", type=float, default=2.0, help="flag rotations above this")
+    _add_registration_options(p)
+    p.add_argument("--csv", default=None, help="also write the table as CSV here")
+    p.set_defaults(func=_check_alignment)
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -243,6 +289,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="head-and-neck box size in mm (default 200 200 310)")
     p.add_argument("--edition", type=int, choices=(2022, 2021), default=2022)
     p.add_argument("--skip-bad", action="store_true", help="convert the valid cases and list the skipped ones")
+    p.add_argument("--register", choices=("none", "rigid"), default="none",
+                   help="rigid: register each PET to its CT (SimpleITK, mutual information) before resampling; the "
+                        "transform and its quality go into pemma_crops.json (default none: trust the headers)")
+    _add_registration_options(p)
     p.add_argument("--with-outcomes", action="store_true",
                    help="also validate HECKTOR 2022's clinical and endpoint tables and write them as outcomes.json "
                         "(encoded clinical vector with missing indicators, relapse, RFS) for prognosis")
@@ -407,7 +457,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_env, _add_reproduce, _add_compare, _add_phantom, _add_convert, _add_plans, _add_predict,
+    _add_demo, _add_env, _add_reproduce, _add_compare, _add_phantom, _add_convert, _add_check_alignment, _add_plans, _add_predict,
     _add_predict_risk, _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_evaluate_survival,
     _add_parameters)
 

@@ -205,9 +205,10 @@ def crop(image: sitk.Image, record: dict) -> sitk.Image:
     return sitk.RegionOfInterest(image, [int(v) for v in record["crop_size"]], [int(v) for v in record["crop_start"]])
 
 
-def resample_pet_to(pet: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """PET (SUV) onto the CT grid through physical space; outside the PET field of view is 0 SUV."""
-    return sitk.Resample(pet, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+def resample_pet_to(pet: sitk.Image, reference: sitk.Image, transform: sitk.Transform | None = None) -> sitk.Image:
+    """PET (SUV) onto the CT grid through physical space (and `transform`, CT points -> PET points, when the PET was
+    registered); outside the PET field of view is 0 SUV."""
+    return sitk.Resample(pet, reference, transform or sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
 def _grid_from_record(original: dict) -> sitk.Image:

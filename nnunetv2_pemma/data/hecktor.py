@@ -12,7 +12,8 @@ records, see `geometry`) and splits_final.json (centre-stratified folds, see `sp
 (2022 only) also outcomes.json, the validated clinical and endpoint tables (see `outcomes`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
-PET is resampled onto the (cropped) CT grid through physical coordinates and stays in SUV on purpose: the PET
+PET is resampled onto the (cropped) CT grid through physical coordinates (with `register="rigid"`, through the rigid
+transform `registration` finds first; it is recorded as the crop record's "registration") and stays in SUV on purpose: the PET
 normalisation (a global SUV window) is decided in the plans, not by nnU-Net's per-image z-score, and SUV is what
 makes PET comparable across centres.
 
@@ -43,6 +44,8 @@ from tqdm import tqdm
 from nnunetv2_pemma.data.centers import KNOWN_CENTERS, LABELS_2021, LABELS_2022, center_of
 from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, resample_pet_to
 from nnunetv2_pemma.data.outcomes import OUTCOMES_FILE, Outcomes, read_hecktor_tables, write_outcomes
+from nnunetv2_pemma.data.registration import (RegistrationFailed, RegistrationLimits, register_pet_to_ct,
+                                              transform_from_record)
 from nnunetv2_pemma.data.splits import N_FOLDS, make_center_splits, save_splits
 from nnunetv2_pemma.data.validation import CaseCheck, CaseFiles, check_case
 from nnunetv2_pemma.errors import InputDataError, warn
@@ -75,6 +78,7 @@ class ConversionReport:
     skipped: dict[str, str]
     ignored_files: dict[str, str]  # file (relative to the input folder) -> why (UNEXPECTED_NAME or HIDDEN)
     outcomes: Outcomes | None = None  # what outcomes.json holds (--with-outcomes), else None
+    registration: dict[str, dict] | None = None  # case -> registration record (--register rigid), else None
 
     def __str__(self) -> str:
         lines = [f"wrote {self.dataset_dir}",
@@ -93,6 +97,8 @@ class ConversionReport:
             lines += [f"    {case}: {reason}" for case, reason in sorted(self.skipped.items())]
         if self.outcomes is not None:
             lines.append(self._describe_outcomes(self.outcomes))
+        if self.registration is not None:
+            lines.append(describe_registrations(self.registration))
         for why in dict.fromkeys(self.ignored_files.values()):
             files = [f for f, w in self.ignored_files.items() if w == why]
             lines.append(f"  ignored {len(files)} file(s) {why}: {', '.join(files)}")
@@ -110,37 +116,39 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
                     modalities: Sequence[str] = ("CT", "PET"), crop: str = "headneck",
                     crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0), edition: int = 2022,
                     skip_bad: bool = False, raw_root: Path | None = None,
-                    with_outcomes: bool = False) -> ConversionReport:
+                    with_outcomes: bool = False, register: str = "none",
+                    limits: RegistrationLimits = RegistrationLimits()) -> ConversionReport:
     """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing).
 
     with_outcomes: also validate HECKTOR 2022's clinical and endpoint tables (before any image is read) and write
-    them as outcomes.json, for prognosis. Suspicious but convertible cases (an all-zero PET, a constant CT) are
-    reported as PemmaWarnings.
+    them as outcomes.json, for prognosis. register: "rigid" registers each PET to its CT region before anything is
+    written; a case whose registration fails or moves beyond `limits` is bad like any other. Suspicious but
+    convertible cases (an all-zero PET, a constant CT) are reported as PemmaWarnings.
     """
     input_dir = Path(input_dir)
     modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
+    if register not in ("none", "rigid"):
+        raise InputDataError(f"register must be 'none' or 'rigid', got {register!r}")
+    if register == "rigid" and "PET" not in modalities:
+        raise InputDataError("--register rigid aligns PET to CT; it needs PET among --modalities")
     if with_outcomes and edition != 2022:
         raise InputDataError(f"--with-outcomes reads HECKTOR 2022's clinical and endpoint tables; it does not work "
                              f"with edition {edition}")
     raw_root = _raw_root(raw_root)
     final_dir = raw_root / f"Dataset{dataset_id:03d}_{name}"
-    if not input_dir.is_dir():
-        raise InputDataError(f"input folder {input_dir} does not exist")
-    if edition == 2022:
-        cases, ignored = discover_2022(input_dir)
-    else:
-        cases, ignored = discover_2021(input_dir, with_bbox=crop == "headneck")
-    cases = _select_centers(cases, centers, input_dir)
+    cases, ignored = discover(input_dir, edition, crop, centers)
     outcomes = _read_outcomes(input_dir, cases, centers) if with_outcomes else None
     labels = LABELS_2022 if edition == 2022 else LABELS_2021
     with sigterm_as_interrupt(), _dataset_lock(raw_root, dataset_id):
         _check_target(raw_root, final_dir, dataset_id)  # under the lock: no other conversion can add the id now
-        good, checks, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir)
+        good, checks, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir,
+                                         limits if register == "rigid" else None)
         for check in checks.values():
             for message in check.warnings:
                 warn(message)
         size_mm = [float(v) for v in crop_size_mm] if crop == "headneck" and edition == 2022 else None
         pemma_block = {"modalities": list(modalities), "edition": edition, "crop": crop, "crop_size_mm": size_mm,
+                       "registration": register,
                        "centers": {case.case_id: case.center for case in good}, "pet_units": "SUV",
                        "source": str(input_dir), "skipped": bad}
         if outcomes is not None:  # the good cases only: --skip-bad may have left some out
@@ -151,7 +159,9 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     return ConversionReport(final_dir, dataset_id, list(modalities), [c.case_id for c in good if c.split == "train"],
                             [c.case_id for c in good if c.split == "test"], dict(Counter(c.center for c in good)),
                             _describe_crop(crop, crop_size_mm, edition),
-                            final_dir / splits_file.name if splits_file else None, bad, ignored, outcomes)
+                            final_dir / splits_file.name if splits_file else None, bad, ignored, outcomes,
+                            {cid: check.record["registration"] for cid, check in checks.items()}
+                            if register == "rigid" else None)
 
 
 def _read_outcomes(input_dir: Path, cases: list[CaseFiles], centers: Sequence[str] | None) -> Outcomes:
@@ -258,12 +268,16 @@ def _alive(pid: int) -> bool:
 
 
 def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str, int], crop: str,
-                 crop_size_mm: Sequence[float], skip_bad: bool,
-                 input_dir: Path) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
-    """Good cases, their checks (crop record, warnings), and the bad ones (case -> reason); raise unless skip_bad
-    can cope."""
+                 crop_size_mm: Sequence[float], skip_bad: bool, input_dir: Path,
+                 limits: RegistrationLimits | None) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
+    """Good cases, their checks (crop record, warnings; with `limits`, the registration in the record), and the bad
+    ones (case -> reason); raise unless skip_bad can cope."""
     checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
               for case in tqdm(cases, desc="checking cases", unit="case")}
+    if limits is not None:
+        registrable = [case for case in cases if not checks[case.case_id].problems]
+        for case in tqdm(registrable, desc="registering PET to CT", unit="case"):
+            checks[case.case_id] = register_case(case, checks[case.case_id], limits)
     bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
     listing = "; ".join(f"{case}: {reason}" for case, reason in bad.items())
     if bad and not skip_bad:
@@ -276,9 +290,48 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
     return good, {case.case_id: checks[case.case_id] for case in good}, bad
 
 
+def register_case(case: CaseFiles, check: CaseCheck, limits: RegistrationLimits) -> CaseCheck:
+    """The check with the case's registration added to its crop record, or with the reason it is refused."""
+    ct = crop(sitk.ReadImage(str(case.ct)), check.record)
+    try:
+        result = register_pet_to_ct(ct, sitk.ReadImage(str(case.pet)), limits)
+    except RegistrationFailed as e:
+        return CaseCheck([f"PET file {case.show(case.pet)} cannot be registered to its CT: {e}"], None)
+    problem = result.problem(limits)
+    if problem is not None:
+        return CaseCheck([f"PET file {case.show(case.pet)}: {problem}"], None)
+    return dataclasses.replace(check, record={**check.record, "registration": result.record()})
+
+
+def describe_registrations(records: dict[str, dict]) -> str:
+    """One line on what the registration did to the converted cases."""
+    moved = [r for r in records.values() if r["applied"]]
+    seconds = [r["seconds"] for r in records.values()]
+    line = f"  registration (rigid): moved the PET of {len(moved)} of {len(records)} case(s)"
+    if len(moved) < len(records):
+        line += " (the others' header alignment was as good)"
+    if moved:
+        shifts = [r["shift_mm"] for r in moved]
+        line += (f"; shifts {min(shifts):.1f}-{max(shifts):.1f} mm, rotations up to "
+                 f"{max(r['rotation_deg'] for r in moved):.1f} degrees")
+    return line + f"; {sum(seconds) / len(seconds):.1f} s per case (records in {CROPS_FILE})"
+
+
 def canonical_id(raw_id: str) -> str:
     """HECKTOR 2022 ids are CENTRE-NNN; some releases spell them CENTRE_NNN."""
     return raw_id.replace("_", "-", 1) if "-" not in raw_id else raw_id
+
+
+def discover(input_dir: Path, edition: int, crop: str,
+             centers: Sequence[str] | None) -> tuple[list[CaseFiles], dict[str, str]]:
+    """The cases of the selected centres in a HECKTOR folder of either edition, and the files ignored."""
+    if not input_dir.is_dir():
+        raise InputDataError(f"input folder {input_dir} does not exist")
+    if edition == 2022:
+        cases, ignored = discover_2022(input_dir)
+    else:
+        cases, ignored = discover_2021(input_dir, with_bbox=crop == "headneck")
+    return select_centers(cases, centers, input_dir), ignored
 
 
 def discover_2022(root: Path) -> tuple[list[CaseFiles], dict[str, str]]:
@@ -398,7 +451,7 @@ def _center_problem(case_id: str) -> list[str]:
     return [f"unknown centre '{center}' (the case-id prefix; known: {', '.join(sorted(KNOWN_CENTERS))})"]
 
 
-def _select_centers(cases: list[CaseFiles], centers: Sequence[str] | None, root: Path) -> list[CaseFiles]:
+def select_centers(cases: list[CaseFiles], centers: Sequence[str] | None, root: Path) -> list[CaseFiles]:
     if not cases:
         raise InputDataError(f"no HECKTOR cases found in {root}")
     if centers is None:
@@ -478,7 +531,8 @@ def _write_case(out_dir: Path, case: CaseFiles, record: dict, modalities: list[s
     images = out_dir / ("imagesTr" if case.split == "train" else "imagesTs")
     ct = crop(sitk.ReadImage(str(case.ct)), record)
     for channel, modality in enumerate(modalities):
-        image = ct if modality == "CT" else resample_pet_to(sitk.ReadImage(str(case.pet)), ct)
+        image = ct if modality == "CT" else resample_pet_to(
+            sitk.ReadImage(str(case.pet)), ct, transform_from_record(record.get("registration", {})))
         sitk.WriteImage(image, str(images / f"{case.case_id}_{channel:04d}.nii.gz"), useCompression=True)
     if case.label is not None:
         label = sitk.Cast(crop(sitk.ReadImage(str(case.label)), record), sitk.sitkUInt8)

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_pemma.data.geometry import BODY_HU, sitk_error_reason
+from nnunetv2_pemma.errors import InputDataError
 
 BODY_MARGIN_MM = 10.0  # the metric's mask: CT body dilated by this much
 PET_PADDING_MM = 60.0  # zeros around the PET: beyond any plausible motion
@@ -43,8 +44,6 @@ class RegistrationLimits:
     max_rotation_deg: float = 10.0
 
     def __post_init__(self) -> None:
-        from nnunetv2_pemma.errors import InputDataError
-
         if not (math.isfinite(self.max_shift_mm) and self.max_shift_mm > 0
                 and math.isfinite(self.max_rotation_deg) and self.max_rotation_deg > 0):
             raise InputDataError(f"registration limits must be positive, got {self.max_shift_mm:g} mm and "
@@ -114,6 +113,10 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, limits: RegistrationLimi
     body = ct > BODY_HU
     if not np.any(sitk.GetArrayViewFromImage(body)):
         raise RegistrationFailed(f"no body in the CT (no voxel above {BODY_HU:g} HU) to register the PET to")
+    values = sitk.GetArrayViewFromImage(pet)
+    if values.min() == values.max():
+        raise RegistrationFailed(f"the PET has the same value ({values.flat[0]:g}) in every voxel: no PET signal to "
+                                 f"register")
     mask = sitk.BinaryDilate(body, [max(1, round(BODY_MARGIN_MM / s)) for s in ct.GetSpacing()])
     pad = [int(math.ceil(PET_PADDING_MM / s)) for s in pet.GetSpacing()]
     moving = sitk.ConstantPad(sitk.Cast(pet, sitk.sitkFloat32), pad, pad, 0.0)
