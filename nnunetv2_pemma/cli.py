@@ -47,8 +47,8 @@ def _check_alignment(args: argparse.Namespace) -> None:
     rows = check_alignment(Path(args.input), edition=args.edition, centers=args.centers, crop=args.crop,
                            crop_size_mm=tuple(args.crop_size_mm), tolerance_mm=args.tolerance_mm,
                            tolerance_deg=args.tolerance_deg,
-                           limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg))
-    print(format_rows(rows, args.tolerance_mm, args.tolerance_deg))
+                           limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg), quick=args.quick)
+    print(format_rows(rows, args.tolerance_mm, args.tolerance_deg, quick=args.quick))
     if args.csv:
         write_csv(rows, Path(args.csv))
         print(f"wrote {args.csv}")
@@ -255,9 +255,9 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
 
 def _add_check_alignment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-alignment", help="flag HECKTOR cases whose PET and CT are out of register",
-                       description="Estimate each case's PET-to-CT misalignment with the rigid registration of "
-                                   "`convert-hecktor --register rigid`, without writing a dataset, and flag the "
-                                   "cases beyond the tolerances.")
+                       description="Measure each case's PET and CT body-outline distance and estimate its "
+                                   "PET-to-CT misalignment with the rigid registration of `convert-hecktor --register "
+                                   "rigid`, without writing a dataset, and flag the cases beyond the tolerances.")
     p.add_argument("input", help="HECKTOR folder (2022: imagesTr/, labelsTr/; 2021: flat files + bbox CSV)")
     p.add_argument("--edition", type=int, choices=(2022, 2021), default=2022)
     p.add_argument("--centers", nargs="+", default=None, help="centres to check (default: all)")
@@ -267,6 +267,9 @@ def _add_check_alignment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance-mm", type=float, default=4.0, help="flag shifts above this (default: a PET voxel)")
     p.add_argument("--tolerance-deg", type=float, default=2.0, help="flag rotations above this")
     _add_registration_options(p)
+    p.add_argument("--quick", action="store_true",
+                   help="no registration: flag by the PET and CT body outlines only (a fraction of a second per "
+                        "case; blind to motion along the neck)")
     p.add_argument("--csv", default=None, help="also write the table as CSV here")
     p.set_defaults(func=_check_alignment)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, physical_bounds
 from nnunetv2_pemma.data.hecktor import convert_hecktor
 from nnunetv2_pemma.data.phantom import MISALIGNMENT_FILE, case_model, read_misalignment, write_phantom
 from nnunetv2_pemma.data.registration import MIN_MI_GAIN, RegistrationLimits, transform_from_record
-from nnunetv2_pemma.errors import InputDataError
+from nnunetv2_pemma.data.geometry import resample_pet_to
+from nnunetv2_pemma.data.outline import OUTLINE_WARN_MM, outline_distance_mm
+from nnunetv2_pemma.errors import InputDataError, PemmaWarning
 
 pytestmark = pytest.mark.slow  # about 3.5 minutes of registrations on 2 CPU cores
 
@@ -38,8 +41,11 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     raw = root / "raw"
     out = {"aligned": root / "aligned", "misaligned": root / "misaligned", "raw": raw}
     for number, (name, register) in enumerate((("aligned", "rigid"), ("misaligned", "rigid"), ("aligned", "none"))):
-        report = convert_hecktor(root / name, 600 + number, f"{name}_{register}", raw_root=raw, register=register)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = convert_hecktor(root / name, 600 + number, f"{name}_{register}", raw_root=raw, register=register)
         out[f"{name}_{register}"] = report.dataset_dir
+        out[f"{name}_{register}_warnings"] = [str(w.message) for w in caught if issubclass(w.category, PemmaWarning)]
     return out
 
 
@@ -130,15 +136,54 @@ def test_phantom_misalignment_moves_only_the_pet(phantoms: dict[str, Path]) -> N
         read_misalignment(aligned)
 
 
+def test_outline_screen_separates_misaligned_cases(phantoms: dict[str, Path]) -> None:
+    """The registration-free figure: every aligned case under the warning level, every 15 mm / 5 degree case over
+    it and over its aligned twin; the conversion without registration warns for exactly the latter."""
+    for case_id in read_misalignment(phantoms["misaligned"]):
+        figures = {}
+        for name in ("aligned", "misaligned"):
+            ct = sitk.ReadImage(str(phantoms[name] / "imagesTr" / f"{case_id}__CT.nii.gz"))
+            ct = crop(ct, records(phantoms["aligned_none"])[case_id])
+            pet = sitk.ReadImage(str(phantoms[name] / "imagesTr" / f"{case_id}__PT.nii.gz"))
+            figures[name] = outline_distance_mm(ct, resample_pet_to(pet, ct))
+        assert figures["aligned"] < OUTLINE_WARN_MM < figures["misaligned"], (case_id, figures)
+    assert not any("body outlines" in w for w in phantoms["aligned_none_warnings"])
+    # with --register rigid the screen is not needed and stays quiet
+    assert not any("body outlines" in w for w in phantoms["misaligned_rigid_warnings"])
+
+
+def test_conversion_without_registration_warns_about_misaligned_outlines(phantoms: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    with pytest.warns(PemmaWarning, match=r"HGJ-001: PET and CT body outlines are \d+\.\d mm apart on average "
+                                          r"\(registered cases: under 3 mm\).*--register rigid"):
+        convert_hecktor(phantoms["misaligned"], 615, "Warned", centers=["HGJ"], raw_root=tmp_path / "raw")
+
+
+def test_outline_needs_a_body_outline_in_both() -> None:
+    from hecktor_fixtures import make_ct, make_pet
+
+    ct = make_ct()
+    assert outline_distance_mm(ct, resample_pet_to(make_pet(), ct)) is None  # uptake everywhere: no PET outline
+    air = sitk.Image(ct.GetSize(), sitk.sitkInt16) - 1000
+    air.CopyInformation(ct)
+    assert outline_distance_mm(air, resample_pet_to(make_pet(), ct)) is None
+
+
 def test_check_alignment_flags_only_the_misaligned(phantoms: dict[str, Path], tmp_path: Path) -> None:
     flagged = check_alignment(phantoms["misaligned"], centers=["HGJ"])
     assert [(r.case, r.status) for r in flagged] == [("HGJ-001", "MISALIGNED")]
-    assert flagged[0].shift_mm > 10
+    assert flagged[0].shift_mm > 10 and flagged[0].outline_mm > OUTLINE_WARN_MM
+    quick = check_alignment(phantoms["misaligned"], centers=["HGJ"], quick=True)
+    assert [(r.case, r.status, r.shift_mm) for r in quick] == [("HGJ-001", "MISALIGNED", None)]
     done = run_cli(["pemma", "check-alignment", str(phantoms["aligned"]), "--centers", "HGJ", "--csv",
                     str(tmp_path / "alignment.csv")], env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     assert "HGJ-001      aligned" in done.stdout and "0 of 1 case(s) misaligned" in done.stdout
     assert (tmp_path / "alignment.csv").read_text().splitlines()[1].startswith("HGJ-001,aligned,")
+    done = run_cli(["pemma", "check-alignment", str(phantoms["misaligned"]), "--centers", "HGJ", "CHUM", "--quick"],
+                   env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    assert "2 of 2 case(s) with body outlines more than 3 mm apart (quick screen, no registration)" in done.stdout
 
 
 def _error_line(done) -> str:
@@ -201,6 +246,16 @@ def test_bad_limits_and_misalign_values_are_one_line_errors(tmp_path: Path) -> N
     done = run_cli(["pemma", "phantom", str(tmp_path / "ph"), "--misalign", "5", "-1"], env=dict(os.environ))
     assert "misalign must be a shift from 0 to 50 mm and a rotation from 0 to 30 degrees" in _error_line(done)
     assert not (tmp_path / "ph").exists()
+
+
+def test_check_alignment_lists_unreadable_cases_as_bad(phantoms: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "some_broken"
+    shutil.copytree(phantoms["aligned"], folder)
+    ct_file = folder / "imagesTr" / "CHUM-001__CT.nii.gz"
+    ct_file.write_bytes(ct_file.read_bytes()[:2000])
+    rows = {r.case: r for r in check_alignment(folder, centers=["CHUM", "HGJ"], quick=True)}
+    assert rows["CHUM-001"].status == "bad" and "imagesTr/CHUM-001__CT.nii.gz" in rows["CHUM-001"].detail
+    assert rows["HGJ-001"].status == "aligned"
 
 
 def test_check_alignment_bad_input(tmp_path: Path) -> None:

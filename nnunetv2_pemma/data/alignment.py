@@ -1,9 +1,11 @@
 """`pemma check-alignment`: which cases of a HECKTOR folder have PET and CT out of register, before converting.
 
-Nothing is written into the dataset: each readable case's PET is registered to its CT region (as
-`convert-hecktor --register rigid` would) only to estimate how far apart they are. A case is flagged when the
-registration clearly beats the header geometry (`Registration.applied`) and moves the CT body's centre by more than
-`tolerance_mm` or rotates by more than `tolerance_deg`.
+Nothing is written. Each readable case gets two figures:
+- the registration-free body-outline distance (`outline`): quick, blind to motion along the neck's axis;
+- the motion the rigid registration of `convert-hecktor --register rigid` finds, estimated only.
+A case is flagged when the registration clearly beats the header geometry (`Registration.applied`) and moves the CT
+body's centre by more than `tolerance_mm` or rotates by more than `tolerance_deg`; with `quick`, no registration
+runs and a case is flagged when its outlines lie more than OUTLINE_WARN_MM apart.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from tqdm import tqdm
 import SimpleITK as sitk
 
 from nnunetv2_pemma.data.geometry import crop as crop_to
+from nnunetv2_pemma.data.geometry import resample_pet_to
 from nnunetv2_pemma.data.hecktor import discover
+from nnunetv2_pemma.data.outline import OUTLINE_WARN_MM, outline_distance_mm
 from nnunetv2_pemma.data.registration import RegistrationFailed, RegistrationLimits, register_pet_to_ct
 from nnunetv2_pemma.data.validation import check_case
 from nnunetv2_pemma.errors import InputDataError
 
-COLUMNS = ("case", "status", "shift_mm", "rotation_deg", "mi_gain", "seconds", "detail")
+COLUMNS = ("case", "status", "outline_mm", "shift_mm", "rotation_deg", "mi_gain", "seconds", "detail")
 
 
 @dataclass(frozen=True)
 class AlignmentRow:
     case: str
     status: str  # "aligned", "MISALIGNED", "bad" (unreadable or unregistrable: `detail` says why)
+    outline_mm: float | None = None
     shift_mm: float | None = None
     rotation_deg: float | None = None
     mi_gain: float | None = None
@@ -41,7 +46,7 @@ class AlignmentRow:
 def check_alignment(input_dir: Path, edition: int = 2022, centers: Sequence[str] | None = None,
                     crop: str = "headneck", crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0),
                     tolerance_mm: float = 4.0, tolerance_deg: float = 2.0,
-                    limits: RegistrationLimits = RegistrationLimits()) -> list[AlignmentRow]:
+                    limits: RegistrationLimits = RegistrationLimits(), quick: bool = False) -> list[AlignmentRow]:
     """One row per case: its estimated misalignment and whether it is flagged (`limits` bounds the search, as in
     the conversion; a case beyond them is reported, not refused)."""
     input_dir = Path(input_dir)
@@ -57,29 +62,39 @@ def check_alignment(input_dir: Path, edition: int = 2022, centers: Sequence[str]
             rows.append(AlignmentRow(case.case_id, "bad", detail="; ".join(check.problems)))
             continue
         ct = crop_to(sitk.ReadImage(str(case.ct)), check.record)
+        pet = sitk.ReadImage(str(case.pet))
+        outline = outline_distance_mm(ct, resample_pet_to(pet, ct))
+        if quick:
+            flagged = outline is not None and outline > OUTLINE_WARN_MM
+            rows.append(AlignmentRow(case.case_id, "MISALIGNED" if flagged else "aligned", outline,
+                                     detail="" if outline is not None else "no body outline in the CT or PET"))
+            continue
         try:
-            result = register_pet_to_ct(ct, sitk.ReadImage(str(case.pet)), limits)
+            result = register_pet_to_ct(ct, pet, limits)
         except RegistrationFailed as e:
-            rows.append(AlignmentRow(case.case_id, "bad", detail=f"PET cannot be registered to its CT: {e}"))
+            rows.append(AlignmentRow(case.case_id, "bad", outline, detail=f"PET cannot be registered to its CT: {e}"))
             continue
         flagged = result.applied and (result.shift_mm > tolerance_mm or result.rotation_deg > tolerance_deg)
-        rows.append(AlignmentRow(case.case_id, "MISALIGNED" if flagged else "aligned", result.shift_mm,
-                                 result.rotation_deg, result.gain, result.seconds,
-                                 result.problem(limits) or ""))
+        rows.append(AlignmentRow(case.case_id, "MISALIGNED" if flagged else "aligned", outline, result.shift_mm,
+                                 result.rotation_deg, result.gain, result.seconds, result.problem(limits) or ""))
     return rows
 
 
-def format_rows(rows: list[AlignmentRow], tolerance_mm: float, tolerance_deg: float) -> str:
+def format_rows(rows: list[AlignmentRow], tolerance_mm: float, tolerance_deg: float, quick: bool = False) -> str:
     """The table the CLI prints, with a closing summary line."""
-    lines = [f"{'case':<12} {'status':<11} {'shift mm':>8} {'rot deg':>7} {'MI gain':>7}  detail"]
-    for row in rows:
-        numbers = (f"{row.shift_mm:8.1f} {row.rotation_deg:7.1f} {row.mi_gain:7.3f}" if row.shift_mm is not None
-                   else f"{'-':>8} {'-':>7} {'-':>7}")
-        lines.append(f"{row.case:<12} {row.status:<11} {numbers}  {row.detail}")
+    def number(value: float | None, width: int, digits: int) -> str:
+        return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+    lines = [f"{'case':<12} {'status':<11} {'outline mm':>10} {'shift mm':>8} {'rot deg':>7} {'MI gain':>7}  detail"]
+    for r in rows:
+        lines.append(f"{r.case:<12} {r.status:<11} {number(r.outline_mm, 10, 1)} {number(r.shift_mm, 8, 1)} "
+                     f"{number(r.rotation_deg, 7, 1)} {number(r.mi_gain, 7, 3)}  {r.detail}".rstrip())
     flagged = [r.case for r in rows if r.status == "MISALIGNED"]
     bad = [r.case for r in rows if r.status == "bad"]
-    lines.append(f"{len(flagged)} of {len(rows)} case(s) misaligned beyond {tolerance_mm:g} mm or {tolerance_deg:g} "
-                 f"degrees" + (f" ({', '.join(flagged)}): convert with --register rigid" if flagged else "")
+    criterion = (f"with body outlines more than {OUTLINE_WARN_MM:g} mm apart (quick screen, no registration)" if quick
+                 else f"misaligned beyond {tolerance_mm:g} mm or {tolerance_deg:g} degrees")
+    lines.append(f"{len(flagged)} of {len(rows)} case(s) {criterion}"
+                 + (f" ({', '.join(flagged)}): convert with --register rigid" if flagged else "")
                  + (f"; {len(bad)} bad case(s) not checked" if bad else ""))
     return "\n".join(lines)
 

@@ -123,7 +123,8 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     with_outcomes: also validate HECKTOR 2022's clinical and endpoint tables (before any image is read) and write
     them as outcomes.json, for prognosis. register: "rigid" registers each PET to its CT region before anything is
     written; a case whose registration fails or moves beyond `limits` is bad like any other. Suspicious but
-    convertible cases (an all-zero PET, a constant CT) are reported as PemmaWarnings.
+    convertible cases (an all-zero PET, a constant CT, with "none" PET and CT body outlines further apart than
+    registered cases') are reported as PemmaWarnings.
     """
     input_dir = Path(input_dir)
     modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
@@ -272,7 +273,8 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
                  limits: RegistrationLimits | None) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
     """Good cases, their checks (crop record, warnings; with `limits`, the registration in the record), and the bad
     ones (case -> reason); raise unless skip_bad can cope."""
-    checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm)
+    checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm,
+                                       screen_alignment=limits is None)
               for case in tqdm(cases, desc="checking cases", unit="case")}
     if limits is not None:
         registrable = [case for case in cases if not checks[case.case_id].problems]

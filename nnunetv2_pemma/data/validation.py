@@ -27,7 +27,9 @@ import SimpleITK as sitk
 
 from nnunetv2_pemma.data.centers import center_of
 from nnunetv2_pemma.data.geometry import (Box, bbox_mm_box, crop_record, geometry_mismatch, headneck_box,
-                                          nifti_header_problem, overlap_problem, sitk_error_reason)
+                                          nifti_header_problem, overlap_problem, resample_pet_to, sitk_error_reason)
+from nnunetv2_pemma.data.geometry import crop as crop_to
+from nnunetv2_pemma.data.outline import OUTLINE_WARN_MM, outline_distance_mm
 from nnunetv2_pemma.errors import InputDataError
 
 _DECODE_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
@@ -81,8 +83,9 @@ class _Nifti:
 
 
 def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Sequence[int], crop: str,
-               crop_size_mm: Sequence[float]) -> CaseCheck:
-    """Read every file the conversion will use and say what is wrong with them."""
+               crop_size_mm: Sequence[float], screen_alignment: bool = False) -> CaseCheck:
+    """Read every file the conversion will use and say what is wrong with them; with `screen_alignment`, also warn
+    when the PET and CT body outlines lie further apart than registered cases' do (see `outline`)."""
     if case.problems:  # duplicate ids, unknown centre...: the files are ambiguous, reading them tells nothing more
         return CaseCheck(list(case.problems), None)
     problems: list[str] = []
@@ -108,7 +111,20 @@ def check_case(case: CaseFiles, modalities: Sequence[str], allowed_labels: Seque
             record = crop_record(ct, box, case.split)
     if problems:
         return CaseCheck(problems, None)
-    return CaseCheck(problems, record, _suspicious(case, ct, pet))  # no problems: the CT was read
+    warnings = _suspicious(case, ct, pet)  # no problems: the CT was read
+    if screen_alignment and pet is not None:
+        warnings += _outline_warning(case, crop_to(ct, record), pet)
+    return CaseCheck(problems, record, warnings)
+
+
+def _outline_warning(case: CaseFiles, ct: sitk.Image, pet: sitk.Image) -> list[str]:
+    """A warning when PET and CT look misaligned by their body outlines."""
+    distance = outline_distance_mm(ct, resample_pet_to(pet, ct))
+    if distance is None or distance <= OUTLINE_WARN_MM:
+        return []
+    return [f"{case.case_id}: PET and CT body outlines are {distance:.1f} mm apart on average (registered cases: "
+            f"under {OUTLINE_WARN_MM:g} mm); they may be misaligned: check with `pemma check-alignment` or convert "
+            f"with --register rigid"]
 
 
 def _read(case: CaseFiles, path: Path, what: str, problems: list[str]) -> sitk.Image | None:
