@@ -132,7 +132,8 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, limits: RegistrationLimi
                                      "(no PET signal there?)")
         transform = _optimise(fixed, moving, mask, sitk.Euler3DTransform(header), [4, 2, 1], [2.0, 1.0, 0.0])
         candidates = []
-        for dz in np.arange(-limits.max_shift_mm, limits.max_shift_mm + 1e-6, Z_START_STEP_MM):
+        reach = int(limits.max_shift_mm // Z_START_STEP_MM)
+        for dz in Z_START_STEP_MM * np.arange(-reach, reach + 1):
             candidate = sitk.Euler3DTransform(transform)
             candidate.SetTranslation(np.add(candidate.GetTranslation(), (0.0, 0.0, float(dz))).tolist())
             candidate = _optimise(fixed, moving, mask, candidate, [2, 1], [1.0, 0.0])
