@@ -12,10 +12,10 @@ records, see `geometry`) and splits_final.json (centre-stratified folds, see `sp
 (2022 only) also outcomes.json, the validated clinical and endpoint tables (see `outcomes`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
-PET is resampled onto the (cropped) CT grid through physical coordinates (with `register="rigid"`, through the rigid
-transform `registration` finds first; it is recorded as the crop record's "registration") and stays in SUV on purpose: the PET
-normalisation (a global SUV window) is decided in the plans, not by nnU-Net's per-image z-score, and SUV is what
-makes PET comparable across centres.
+PET is resampled onto the (cropped) CT grid through physical coordinates (with `register="rigid"`, through the
+rigid transform `registration` finds first, recorded as the crop record's "registration") and stays in SUV on
+purpose: the PET normalisation (a global SUV window) is decided in the plans, not by nnU-Net's per-image z-score,
+and SUV is what makes PET comparable across centres.
 
 Every selected case is validated before anything is written; the dataset is written into a hidden temporary
 folder inside nnUNet_raw and renamed at the end, so a failure, Ctrl-C or SIGTERM leaves nothing behind. While it
@@ -98,7 +98,7 @@ class ConversionReport:
         if self.outcomes is not None:
             lines.append(self._describe_outcomes(self.outcomes))
         if self.registration is not None:
-            lines.append(describe_registrations(self.registration))
+            lines.append(_describe_registrations(self.registration))
         for why in dict.fromkeys(self.ignored_files.values()):
             files = [f for f, w in self.ignored_files.items() if w == why]
             lines.append(f"  ignored {len(files)} file(s) {why}: {', '.join(files)}")
@@ -279,7 +279,7 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
     if limits is not None:
         registrable = [case for case in cases if not checks[case.case_id].problems]
         for case in tqdm(registrable, desc="registering PET to CT", unit="case"):
-            checks[case.case_id] = register_case(case, checks[case.case_id], limits)
+            checks[case.case_id] = _register_case(case, checks[case.case_id], limits)
     bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
     listing = "; ".join(f"{case}: {reason}" for case, reason in bad.items())
     if bad and not skip_bad:
@@ -292,7 +292,7 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
     return good, {case.case_id: checks[case.case_id] for case in good}, bad
 
 
-def register_case(case: CaseFiles, check: CaseCheck, limits: RegistrationLimits) -> CaseCheck:
+def _register_case(case: CaseFiles, check: CaseCheck, limits: RegistrationLimits) -> CaseCheck:
     """The check with the case's registration added to its crop record, or with the reason it is refused."""
     ct = crop(sitk.ReadImage(str(case.ct)), check.record)
     try:
@@ -305,7 +305,7 @@ def register_case(case: CaseFiles, check: CaseCheck, limits: RegistrationLimits)
     return dataclasses.replace(check, record={**check.record, "registration": result.record()})
 
 
-def describe_registrations(records: dict[str, dict]) -> str:
+def _describe_registrations(records: dict[str, dict]) -> str:
     """One line on what the registration did to the converted cases."""
     moved = [r for r in records.values() if r["applied"]]
     seconds = [r["seconds"] for r in records.values()]

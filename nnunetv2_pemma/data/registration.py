@@ -30,7 +30,8 @@ from nnunetv2_pemma.errors import InputDataError
 BODY_MARGIN_MM = 10.0  # the metric's mask: CT body dilated by this much
 PET_PADDING_MM = 60.0  # zeros around the PET: beyond any plausible motion
 HISTOGRAM_BINS = 64
-SAMPLING_FRACTION = 0.3  # random metric samples per level (fixed seed: the same input gives the same transform)
+SAMPLING_FRACTION = 0.3  # random metric samples per level (fixed seed: the same input gives the same transform)...
+MAX_SAMPLES = 100_000  # ...at most this many per level, so that a full-size CT region costs little more
 SEED = 1
 Z_START_STEP_MM = 8.0  # the refinement's restarts along z, within the shift limit
 MIN_MI_GAIN = 0.03  # relative improvement of mutual information over the header geometry needed to move the PET
@@ -162,7 +163,9 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, transform
               shrink: list[int], smoothing_mm: list[float]) -> sitk.Euler3DTransform:
     method = _method(mask, shrink, smoothing_mm)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(SAMPLING_FRACTION, SEED)
+    voxels = np.prod(fixed.GetSize())
+    method.SetMetricSamplingPercentagePerLevel(
+        [min(SAMPLING_FRACTION, MAX_SAMPLES * factor ** 3 / voxels) for factor in shrink], SEED)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=0.01, numberOfIterations=100,
                                                     relaxationFactor=0.5)
     method.SetOptimizerScalesFromPhysicalShift()
