@@ -93,7 +93,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--size", choices=("small", "demo"), default="demo")
+    parser.add_argument("--size", choices=("small", "demo", "hecktor"), default="demo")
     parser.add_argument("--cases-per-center", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--offsets", nargs="+", default=["0,0", "5,2", "10,3", "15,5"], help="MM,DEG pairs")

@@ -237,8 +237,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-per-center", type=int, default=5, help="training cases for each of the 7 centres")
     p.add_argument("--test-cases-per-center", type=int, default=0,
                    help="unlabelled cases in imagesTs/ for each test centre (USZ, CHB, MDA)")
-    p.add_argument("--size", choices=("small", "demo"), default="small",
-                   help="small: ~48 voxels a side (tests); demo: larger")
+    p.add_argument("--size", choices=("small", "demo", "hecktor"), default="small",
+                   help="small: ~48 voxels a side (tests); demo: 96 (the demo's training data); hecktor: HECKTOR's "
+                        "200 x 200 x 310 mm head-and-neck region at ~1 mm (for timing)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--misalign", nargs=2, type=float, metavar=("MM", "DEG"), default=None,
                    help="move each patient between CT and PET by MM mm and DEG degrees in random directions (truth "

@@ -16,7 +16,7 @@ from lifelines.utils import concordance_index
 from scipy import ndimage
 
 from nnunetv2_pemma.data.centers import LABELS_2022, TEST_CENTERS_2022, TRAINING_CENTERS_2022
-from nnunetv2_pemma.data.phantom import (CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS, ENDPOINT_CSV,
+from nnunetv2_pemma.data.phantom import (BODY, CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS, ENDPOINT_CSV,
                                          GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE, NODE_HU_ABOVE_MUSCLE,
                                          RISK_HPV_POSITIVE, RISK_LOG_SUV, RISK_LOG_VOLUME, RISK_PER_NODE,
                                          RISK_PER_YEAR_OVER_60, SIZES, SOFT, PhantomSummary, _case_rngs,
@@ -272,10 +272,23 @@ def test_demo_size_is_larger(tmp_path: Path) -> None:
     assert (lab == LABELS_2022["GTVp"]).sum() * np.prod(label.GetSpacing()) > 1000.0  # > 1 mL
 
 
+def test_hecktor_size_spans_the_head_and_neck_region() -> None:
+    """The `hecktor` size (for timing) has HECKTOR's 200 x 200 x 310 mm region and an adult neck in it; checked on
+    the model, without rendering."""
+    for center in TRAINING_CENTERS_2022:
+        case = case_model(f"{center}-001", center, size="hecktor", seed=SEED)
+        extent = np.multiply(case.ct_grid.spacing, case.ct_grid.size)
+        assert case.ct_grid.size[:2] == (200, 200) and 190 <= extent[0] <= 201 and 300 <= extent[2] <= 320
+        assert 100 <= 2 * BODY[2] * case.anatomy.scale <= 140  # the neck's width in mm
+
+
 @pytest.mark.parametrize("kwargs", [dict(cases_per_center=0), dict(cases_per_center=-2),
                                     dict(cases_per_center=2.5), dict(cases_per_center=1, size="huge"),
                                     dict(cases_per_center=1, test_cases_per_center=-1),
-                                    dict(cases_per_center=1, seed=-1)])
+                                    dict(cases_per_center=1, seed=-1),
+                                    dict(cases_per_center=1, misalign=(-1.0, 2.0)),
+                                    dict(cases_per_center=1, misalign=(5.0, 31.0)),
+                                    dict(cases_per_center=1, misalign=(float("nan"), 2.0))])
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     out = tmp_path / "out"
     with pytest.raises(InputDataError):

@@ -96,6 +96,8 @@ class PhantomSize:
 SIZES: dict[str, PhantomSize] = {
     "small": PhantomSize(48, 72.0, 1.0, (5.0, 9.0), (3.0, 5.0)),
     "demo": PhantomSize(96, 120.0, 2.0, (8.0, 14.0), (4.5, 7.5)),
+    # HECKTOR's head-and-neck region (200 x 200 x 310 mm) around an adult neck: for timing, not for training.
+    "hecktor": PhantomSize(200, 310.0, 3.0, (10.0, 18.0), (5.0, 9.0)),
 }
 
 # Tissues as (HU, SUV). SUV 0 in air; brain, tonsil, vocal-cord and lesion uptake are drawn per case.

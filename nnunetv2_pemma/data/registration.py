@@ -34,6 +34,7 @@ SAMPLING_FRACTION = 0.3  # random metric samples per level (fixed seed: the same
 MAX_SAMPLES = 100_000  # ...at most this many per level, so that a full-size CT region costs little more
 SEED = 1
 Z_START_STEP_MM = 8.0  # the refinement's restarts along z, within the shift limit
+Z_SEARCH_STEPS = 6  # the final search along z: +-6 mm in 1 mm steps
 MIN_MI_GAIN = 0.03  # relative improvement of mutual information over the header geometry needed to move the PET
 
 
@@ -139,9 +140,10 @@ def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, limits: RegistrationLimi
             candidate.SetTranslation(np.add(candidate.GetTranslation(), (0.0, 0.0, float(dz))).tolist())
             candidate = _optimise(fixed, moving, mask, candidate, [2, 1], [1.0, 0.0])
             candidates.append((_metric(fixed, moving, mask, candidate), candidate))
+        transform = _z_line_search(fixed, moving, mask, min(candidates, key=lambda c: c[0])[1])
+        mi_registered = _metric(fixed, moving, mask, transform)
     except RuntimeError as e:
         raise RegistrationFailed(f"SimpleITK's registration failed: {sitk_error_reason(e)}") from None
-    mi_registered, transform = min(candidates, key=lambda c: c[0])
     if not np.isfinite(mi_registered):
         raise RegistrationFailed("the registration's metric is not finite")
     return Registration(transform, _displacement(transform, center), _rotation_deg(transform), float(mi_header),
@@ -169,6 +171,18 @@ def _optimise(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, transform
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=0.01, numberOfIterations=100,
                                                     relaxationFactor=0.5)
     method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    return transform
+
+
+def _z_line_search(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image,
+                   transform: sitk.Euler3DTransform) -> sitk.Euler3DTransform:
+    """The best z shift around `transform` by the full-resolution metric over every masked voxel (SimpleITK's
+    exhaustive optimiser): along the neck the sampled metric is too flat for the gradient steps to settle."""
+    method = _method(mask, [1], [0.0])
+    method.SetOptimizerAsExhaustive(numberOfSteps=[0, 0, 0, 0, 0, Z_SEARCH_STEPS], stepLength=1.0)
+    method.SetOptimizerScales([1.0] * 6)
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed, moving)
     return transform
