@@ -6,10 +6,12 @@ motion: 6 parameters (Euler angles about the CT body's centre, translation), Mat
 intensities are unrelated), multi-resolution, started from the header geometry (the identity), sampled inside the
 CT body dilated by BODY_MARGIN_MM so that the body outline counts.
 
-Two details make it robust on the neck, whose outline barely changes along z: the PET is padded with zeros, so CT
-body that moves out of the PET field counts as a mismatch instead of being dropped from the metric (which would
-reward moving away); and the refinement restarts from several z offsets within the plausibility limit and keeps the
-best full-resolution metric, because a wrong z and a slightly wrong tilt form a local optimum.
+Three details make it robust on the neck, whose outline barely changes along z:
+- the PET is padded with zeros, so CT body that moves out of the PET field counts as a mismatch instead of being
+  dropped from the metric (which would reward moving away);
+- the refinement restarts from several z offsets within the plausibility limit and keeps the best full-resolution
+  metric, because a wrong z and a slightly wrong tilt form a local optimum;
+- a last exhaustive search along z on the full-resolution metric, where the sampled metric is too flat to settle.
 
 The header geometry is kept unless the registration beats it by MIN_MI_GAIN (relative mutual information), so that
 already registered cases are not moved by the metric's own bias (a few mm along z on the phantom).
