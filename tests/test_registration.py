@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunetv2_pemma.data.alignment import check_alignment
+from nnunetv2_pemma.data.alignment import check_alignment, write_csv
 from nnunetv2_pemma.data.geometry import CROPS_FILE, crop, physical_bounds
 from nnunetv2_pemma.data.hecktor import convert_hecktor
 from nnunetv2_pemma.data.phantom import MISALIGNMENT_FILE, case_model, read_misalignment, write_phantom
@@ -224,6 +224,9 @@ def test_failed_registration_names_the_case_and_writes_nothing(phantoms: dict[st
                                              r"to its CT: .*no PET signal"):
         convert_hecktor(broken, 612, "Zero", centers=["CHUV", "HMR"], raw_root=raw, register="rigid")
     assert list(raw.iterdir()) == []
+    # check-alignment lists it as bad and checks the rest
+    rows = {r.case: r for r in check_alignment(broken, centers=["CHUV"])}
+    assert rows["CHUV-001"].status == "bad" and "no PET signal" in rows["CHUV-001"].detail
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -263,3 +266,9 @@ def test_check_alignment_bad_input(tmp_path: Path) -> None:
         check_alignment(tmp_path / "missing")
     with pytest.raises(InputDataError, match="tolerances must be positive"):
         check_alignment(tmp_path, tolerance_mm=-1.0)
+    with pytest.raises(InputDataError, match="edition must be 2022 or 2021, got 2020"):
+        check_alignment(tmp_path, edition=2020)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputDataError, match=f"cannot write the alignment table {blocker / 'out.csv'}"):
+        write_csv([], blocker / "out.csv")

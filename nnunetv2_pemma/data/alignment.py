@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 import SimpleITK as sitk
+from tqdm import tqdm
 
 from nnunetv2_pemma.data.geometry import crop as crop_to
 from nnunetv2_pemma.data.geometry import resample_pet_to
@@ -100,9 +99,12 @@ def format_rows(rows: list[AlignmentRow], tolerance_mm: float, tolerance_deg: fl
 
 
 def write_csv(rows: list[AlignmentRow], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            for row in rows:
+                writer.writerow([getattr(row, c) if getattr(row, c) is not None else "" for c in COLUMNS])
+    except OSError as e:
+        raise InputDataError(f"cannot write the alignment table {path}: {e.strerror}") from None
