@@ -144,7 +144,9 @@ def _add_job_graph_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--hecktor", help="HECKTOR 2022 training folder")
     source.add_argument("--phantom", action="store_true", help="generate phantom data instead")
     p.add_argument("--size", choices=("small", "demo"), default="small", help="phantom size")
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the phantom and every training (PEMMA_SEED): the same seed on the same "
+                        "machine gives the same tables")
     p.add_argument("--cpu-jobs", type=int, default=2,
                    help="on CPU, trainings that run side by side, sharing the cores (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -456,7 +458,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "Resumable; ends with Table 2 and a line per claim on screen.")
     p.add_argument("--out", default="pemma_demo", help="output folder")
     p.add_argument("--cases-per-center", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the phantom and every training (PEMMA_SEED): the same seed on the same "
+                        "machine gives the same tables")
     p.set_defaults(func=_demo)
 
 

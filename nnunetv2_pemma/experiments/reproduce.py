@@ -15,7 +15,9 @@ from nnunetv2_pemma.experiments.protocol import Protocol, nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs
 from nnunetv2_pemma.experiments.scoring import base_validation_dice, score_models
 from nnunetv2_pemma.experiments.table2 import write_table2
+from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.plans import load_preset
+from nnunetv2_pemma.training.seeding import SEED_ENV
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,13 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
                   phantom_size: str, device: str, gpus: Sequence[str] | None, seed: int, cpu_jobs: int
                   ) -> tuple[P, dict[str, float]]:
     """Run (or resume) the jobs of `build(data folder)` under OUT (nnU-Net's folders there); `hecktor=None` draws a
-    phantom with `seed` first. Each job's wall time is added to OUT/timings.json. Returns the protocol and the
-    timings of this run."""
+    phantom with `seed` first, and every training is seeded with `seed` (PEMMA_SEED). Each job's wall time is added
+    to OUT/timings.json. Returns the protocol and the timings of this run."""
+    if seed < 0:
+        raise PemmaError(f"--seed must be a non-negative integer, got {seed}")
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = nnunet_environment(out, device)
+    env = {**nnunet_environment(out, device), SEED_ENV: str(seed)}
     if hecktor is None:
         hecktor = out / "hecktor_phantom"
         if not (hecktor / "imagesTr").is_dir():

@@ -11,6 +11,7 @@ from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.build import build_plain_network
 from nnunetv2_pemma.trainers.common import FewCasesNeedFoldAll, OneLineErrors
 from nnunetv2_pemma.training.augmentation import select_transforms
+from nnunetv2_pemma.training.seeding import seed_training
 from nnunetv2_pemma.training.threads import limit_cpu_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
@@ -26,6 +27,8 @@ class UNETRTrainer(OneLineErrors, FewCasesNeedFoldAll, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         limit_cpu_threads(self.device)
+        # before anything draws a random number: the network and its adapters are built in initialize()
+        self.seed = seed_training(self.local_rank)
         self.pemma = PemmaBlock.of(self.configuration_manager)
         if self.pemma.model.architecture != self.architecture:
             raise PlansError(f"{type(self).__name__} trains a {self.architecture}, but configuration {configuration} "
@@ -41,6 +44,13 @@ class UNETRTrainer(OneLineErrors, FewCasesNeedFoldAll, nnUNetTrainer):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return build_plain_network(PemmaBlock.of(configuration_manager), num_input_channels, num_output_channels,
                                    configuration_manager.patch_size)
+
+    def on_train_start(self):
+        if self.seed is not None:
+            # nnUNetv2_train turns cuDNN's benchmark mode on after building the trainer
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+            self.print_to_log_file(f"seeded with {self.seed} (PEMMA_SEED)")
+        super().on_train_start()
 
     def _set_pemma(self, block: PemmaBlock) -> None:
         """Change this run's block, also in the plans that plans.json and checkpoints record (and that nnU-Net's
