@@ -20,6 +20,7 @@ def _phantom(args: argparse.Namespace) -> None:
 
     summary = write_phantom(Path(args.out), cases_per_center=args.cases_per_center, size=args.size, seed=args.seed,
                             test_cases_per_center=args.test_cases_per_center,
+                            labelled_test_cases_per_center=args.labelled_test_cases_per_center,
                             misalign=tuple(args.misalign) if args.misalign else None)
     print(summary)
 
@@ -239,6 +240,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases-per-center", type=int, default=5, help="training cases for each of the 7 centres")
     p.add_argument("--test-cases-per-center", type=int, default=0,
                    help="unlabelled cases in imagesTs/ for each test centre (USZ, CHB, MDA)")
+    p.add_argument("--labelled-test-cases-per-center", type=int, default=0,
+                   help="labelled test cases for each of the 7 training centres, in imagesTs/ with labels in "
+                        "labelsTs/ (ids from 401): converted to the dataset's imagesTs/labelsTs, never in a split")
     p.add_argument("--size", choices=("small", "demo", "hecktor"), default="small",
                    help="small: ~48 voxels a side (tests); demo: 96 (the demo's training data); hecktor: HECKTOR's "
                         "200 x 200 x 310 mm head-and-neck region at ~1 mm (for timing)")

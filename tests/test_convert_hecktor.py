@@ -203,3 +203,37 @@ def test_nnunet_plan_and_preprocess_accepts_the_dataset(tmp_path: Path) -> None:
     plans = json.loads((pp / "nnUNetPlans.json").read_text())
     assert "3d_fullres" in plans["configurations"]
     assert len(list((pp / "nnUNetPlans_3d_fullres").glob("*.b2nd"))) >= len(cases)
+
+
+def test_labelled_test_cases_go_to_labels_ts_and_no_split(tmp_path: Path) -> None:
+    """HECKTOR's released test labels (labelsTs/): imagesTs/ + labelsTs/ in the nnU-Net dataset, never in a split."""
+    from nnunetv2_pemma.data.phantom import write_phantom
+
+    phantom = write_phantom(tmp_path / "in", 1, labelled_test_cases_per_center=2)
+    centres = ["CHUM", "CHUP", "CHUS", "CHUV", "MDA"]
+    report = convert_hecktor(tmp_path / "in", dataset_id=507, name="HNC", centers=centres, modalities=["CT", "PET"],
+                             raw_root=tmp_path / "raw")
+    out = report.dataset_dir
+    test = [c for c in phantom.labelled_test_case_ids if c.split("-")[0] in centres]
+    assert report.labelled_test_cases == report.test_cases == test and len(test) == 10
+    assert sorted(p.name for p in (out / "labelsTs").iterdir()) == [f"{c}.nii.gz" for c in test]
+    assert sorted(p.name for p in (out / "imagesTs").iterdir()) == [f"{c}_{i:04d}.nii.gz" for c in test for i in (0, 1)]
+    for fold in json.loads((out / "splits_final.json").read_text()):
+        assert not set(test) & set(fold["train"] + fold["val"])
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 5
+    label = sitk.ReadImage(str(out / "labelsTs" / f"{test[0]}.nii.gz"))
+    ct = sitk.ReadImage(str(out / "imagesTs" / f"{test[0]}_0000.nii.gz"))
+    assert label.GetPixelID() == sitk.sitkUInt8 and label.GetSize() == ct.GetSize()
+    # the small phantom lies inside the head-and-neck box: the label is the original one
+    assert np.array_equal(sitk.GetArrayFromImage(label), sitk.GetArrayFromImage(sitk.ReadImage(
+        str(tmp_path / "in" / "labelsTs" / f"{test[0]}.nii.gz"))))
+    assert "10 test (10 labelled, in labelsTs/)" in str(report)
+
+
+def test_a_test_label_beside_training_images_is_refused(tmp_path: Path) -> None:
+    root = write_hecktor_2022(tmp_path / "in", ["CHUM-001", "CHUM-002"])
+    (root / "labelsTs").mkdir()
+    shutil.copy(root / "labelsTr" / "CHUM-001.nii.gz", root / "labelsTs" / "CHUM-001.nii.gz")
+    with pytest.raises(InputDataError, match=r"CHUM-001.*among the test cases .* and among the training cases"):
+        convert_hecktor(root, dataset_id=508, name="X", modalities=["CT"], raw_root=tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() or not list((tmp_path / "raw").glob("Dataset508_*"))

@@ -16,8 +16,9 @@ from lifelines.utils import concordance_index
 from scipy import ndimage
 
 from nnunetv2_pemma.data.centers import LABELS_2022, TEST_CENTERS_2022, TRAINING_CENTERS_2022
-from nnunetv2_pemma.data.phantom import (BODY, CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS, ENDPOINT_CSV,
-                                         GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE, NODE_HU_ABOVE_MUSCLE,
+from nnunetv2_pemma.data.centre_statistics import centre_statistics
+from nnunetv2_pemma.data.phantom import (BODY, CENTER_EFFECTS, CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS,
+                                         ENDPOINT_CSV, GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE, NODE_HU_ABOVE_MUSCLE,
                                          RISK_HPV_POSITIVE, RISK_LOG_SUV, RISK_LOG_VOLUME, RISK_PER_NODE,
                                          RISK_PER_YEAR_OVER_60, SIZES, SOFT, PhantomSummary, _case_rngs,
                                          _patient_record, _render, case_model, write_phantom)
@@ -110,6 +111,52 @@ def test_centres_differ(phantom: tuple[Path, PhantomSummary]) -> None:
     assert len(ct_z) >= 2 and len(pet_z) >= 2
 
 
+@pytest.fixture(scope="module")
+def with_test_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PhantomSummary]:
+    out = tmp_path_factory.mktemp("labelled") / "hecktor"
+    return out, write_phantom(out, 1, size="small", seed=SEED, labelled_test_cases_per_center=5)
+
+
+def test_labelled_test_cases(phantom: tuple[Path, PhantomSummary], with_test_cases: tuple[Path, PhantomSummary]
+                             ) -> None:
+    """Every training centre gets labelled test cases in imagesTs/ + labelsTs/ (ids 401...) with table rows; they
+    leave the training cases byte-identical."""
+    root, summary = with_test_cases
+    test_ids = [f"{c}-{i:03d}" for c in TRAINING_CENTERS_2022 for i in range(401, 406)]
+    assert summary.labelled_test_case_ids == tuple(test_ids) and summary.test_case_ids == ()
+    assert {p.name for p in (root / "labelsTs").iterdir()} == {f"{i}.nii.gz" for i in test_ids}
+    assert {p.name for p in (root / "imagesTs").iterdir()} == {f"{i}__{m}.nii.gz" for i in test_ids
+                                                                for m in ("CT", "PT")}
+    for case_id in test_ids[::5]:
+        ct, lab = read(root / "imagesTs" / f"{case_id}__CT.nii.gz")[0], read(root / "labelsTs" / f"{case_id}.nii.gz")
+        assert ct.GetSize() == lab[0].GetSize() and (lab[1] == LABELS_2022["GTVp"]).any()
+    clinical = pd.read_csv(root / CLINICAL_CSV)
+    assert list(clinical["PatientID"]) == [f"{c}-001" for c in TRAINING_CENTERS_2022] + test_ids
+    assert list(pd.read_csv(root / ENDPOINT_CSV)["PatientID"]) == list(clinical["PatientID"])
+    fixture_root, _ = phantom
+    for name in ("imagesTr/HGJ-001__CT.nii.gz", "imagesTr/MDA-001__PT.nii.gz", "labelsTr/CHUM-001.nii.gz"):
+        assert (root / name).read_bytes() == (fixture_root / name).read_bytes(), name
+    assert "35 labelled test cases in imagesTs/ and labelsTs/" in str(summary)
+
+
+def test_centre_shifts_in_the_written_files(with_test_cases: tuple[Path, PhantomSummary]) -> None:
+    """HGJ (new dataset 1): contrast-enhanced CT (bright vessels and lesion rims) and a coarser, lower-calibrated PET;
+    HMR (new dataset 2): a sharp, noisy CT kernel. The CT base's and adaptation's centres have neither."""
+    stats = centre_statistics(with_test_cases[0])
+    assert list(stats.index) == list(TRAINING_CENTERS_2022) and (stats["cases"] == 6).all()
+    others = stats.drop(index=["HGJ", "HMR"])
+    assert stats.loc["HGJ", "enhancing_pct"] > 2.0 and (others["enhancing_pct"] < 0.2).all(), stats
+    assert stats.loc["HGJ", "gtvp_hu"] > others["gtvp_hu"].max() + 25, stats
+    assert stats.loc["HMR", "ct_noise_hu"] > 1.4 * others["ct_noise_hu"].max(), stats
+    assert stats.loc["HGJ", "pet_body_suv"] < 0.85 * others["pet_body_suv"].median(), stats
+    assert stats.loc["HGJ", "pet_gtvp_suv_max"] < 0.8 * others["pet_gtvp_suv_max"].median(), stats
+
+
+def test_centre_statistics_need_labelled_cases(tmp_path: Path) -> None:
+    with pytest.raises(InputDataError, match="has no labelled cases"):
+        centre_statistics(tmp_path)
+
+
 def test_determinism_and_stable_cases(phantom: tuple[Path, PhantomSummary], tmp_path: Path) -> None:
     """Same seed: byte-identical files, also when the other run has fewer cases; another seed: other images."""
     root, _ = phantom
@@ -126,9 +173,12 @@ def test_determinism_and_stable_cases(phantom: tuple[Path, PhantomSummary], tmp_
 
 
 def test_gtvp_is_pet_avid_with_low_ct_contrast(phantom: tuple[Path, PhantomSummary]) -> None:
-    """PET shows the GTVp far above background; CT hardly does (contrast-to-noise ratios against soft tissue)."""
+    """PET shows the GTVp far above background; CT hardly does (contrast-to-noise ratios against soft tissue). The
+    two shifted new centres are outside this calibration on purpose: test_centre_shifts_in_the_written_files."""
     root, _ = phantom
     for case_id in training_ids():
+        if case_id.split("-")[0] in CENTER_EFFECTS:
+            continue
         ct, pet, lab, _ = case_arrays(root, case_id)
         gtvp = lab == LABELS_2022["GTVp"]
         soft = (ct > -50) & (ct < 150) & ~ndimage.binary_dilation(lab > 0, iterations=3)
@@ -285,6 +335,7 @@ def test_hecktor_size_spans_the_head_and_neck_region() -> None:
 @pytest.mark.parametrize("kwargs", [dict(cases_per_center=0), dict(cases_per_center=-2),
                                     dict(cases_per_center=2.5), dict(cases_per_center=1, size="huge"),
                                     dict(cases_per_center=1, test_cases_per_center=-1),
+                                    dict(cases_per_center=1, labelled_test_cases_per_center=201),
                                     dict(cases_per_center=1, seed=-1),
                                     dict(cases_per_center=1, misalign=(-1.0, 2.0)),
                                     dict(cases_per_center=1, misalign=(5.0, 31.0)),

@@ -2,13 +2,14 @@
 
 Input layouts
   2022: imagesTr/CHUM-001__CT.nii.gz, imagesTr/CHUM-001__PT.nii.gz, labelsTr/CHUM-001.nii.gz (or CHUM_001.nii.gz;
-        labels 0 background, 1 GTVp, 2 GTVn), optional imagesTs/ (no labels). Centre = case-id prefix.
+        labels 0 background, 1 GTVp, 2 GTVn), optional imagesTs/ with optional labelsTs/ (the labels of test cases,
+        as HECKTOR released them after the challenge). Centre = case-id prefix.
   2021: one flat folder of <ID>_ct.nii.gz, <ID>_pt.nii.gz, <ID>_gtvt.nii.gz (GTVp = 1) with
         hecktor2021_bbox_*.csv (PatientID,x1,x2,y1,y2,z1,z2, physical mm) giving the head-and-neck box.
 
 Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr (uint8),
-imagesTs when present, dataset.json (nnU-Net's own generator, plus a "pemma" block), pemma_crops.json (crop
-records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`); with `with_outcomes`
+imagesTs (and labelsTs, for labelled test cases) when present, never in a split; dataset.json (nnU-Net's own
+generator, plus a "pemma" block), pemma_crops.json (crop records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`); with `with_outcomes`
 (2022 only) also outcomes.json, the validated clinical and endpoint tables (see `outcomes`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
@@ -79,11 +80,14 @@ class ConversionReport:
     ignored_files: dict[str, str]  # file (relative to the input folder) -> why (UNEXPECTED_NAME or HIDDEN)
     outcomes: Outcomes | None = None  # what outcomes.json holds (--with-outcomes), else None
     registration: dict[str, dict] | None = None  # case -> registration record (--register rigid), else None
+    labelled_test_cases: list[str] = dataclasses.field(default_factory=list)  # test cases with a label (labelsTs)
 
     def __str__(self) -> str:
         lines = [f"wrote {self.dataset_dir}",
                  f"  channels: {', '.join(f'{i}={m}' for i, m in enumerate(self.channels))}; crop: {self.crop}",
-                 f"  cases: {len(self.training_cases)} training, {len(self.test_cases)} test; by centre: "
+                 f"  cases: {len(self.training_cases)} training, {len(self.test_cases)} test"
+                 + (f" ({len(self.labelled_test_cases)} labelled, in labelsTs/)" if self.labelled_test_cases else "")
+                 + "; by centre: "
                  + ", ".join(f"{c} {n}" for c, n in sorted(self.center_counts.items()))]
         if self.splits_file is not None:
             lines.append(f"  splits: {N_FOLDS} folds stratified by centre in {self.splits_file.name} "
@@ -162,7 +166,8 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
                             _describe_crop(crop, crop_size_mm, edition),
                             final_dir / splits_file.name if splits_file else None, bad, ignored, outcomes,
                             {cid: check.record["registration"] for cid, check in checks.items()}
-                            if register == "rigid" else None)
+                            if register == "rigid" else None,
+                            [c.case_id for c in good if c.split == "test" and c.label is not None])
 
 
 def _read_outcomes(input_dir: Path, cases: list[CaseFiles], centers: Sequence[str] | None) -> Outcomes:
@@ -343,15 +348,16 @@ def discover_2022(root: Path) -> tuple[list[CaseFiles], dict[str, str]]:
         raise InputDataError(f"no imagesTr/ folder in {root}: not a HECKTOR 2022 folder{hint}")
     found: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
     ignored: dict[str, str] = {}
-    for folder, split in (("imagesTr", "train"), ("imagesTs", "test"), ("labelsTr", "train")):
+    for folder, split in (("imagesTr", "train"), ("imagesTs", "test"), ("labelsTr", "train"), ("labelsTs", "test")):
+        is_label = folder.startswith("labels")
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
-            match = (_NIFTI if folder == "labelsTr" else _IMAGE_2022).match(path.name)
+            match = (_NIFTI if is_label else _IMAGE_2022).match(path.name)
             if match is None or path.name.startswith("."):
                 if (why := _ignored_because(path.name)) is not None:
                     ignored[f"{folder}/{path.name}"] = why
                 continue
-            case_id = canonical_id(match["stem"] if folder == "labelsTr" else match["id"])
-            kind = "label" if folder == "labelsTr" else match["mod"].upper()
+            case_id = canonical_id(match["stem"] if is_label else match["id"])
+            kind = "label" if is_label else match["mod"].upper()
             found[case_id][kind].append(path)
             found[case_id][split].append(path)
     cases = []
@@ -359,7 +365,8 @@ def discover_2022(root: Path) -> tuple[list[CaseFiles], dict[str, str]]:
         split = "test" if files["test"] else "train"
         images = root / ("imagesTs" if split == "test" else "imagesTr")
         if files["test"] and files["train"]:
-            problems = ["has files in imagesTs/ and in imagesTr/ or labelsTr/: "
+            problems = ["has files among the test cases (imagesTs/, labelsTs/) and among the training cases "
+                        "(imagesTr/, labelsTr/): "
                         + ", ".join(f"{p.parent.name}/{p.name}" for p in files["train"] + files["test"])]
         else:
             problems = _duplicates(files, ("CT", "PT", "label"))
@@ -367,7 +374,8 @@ def discover_2022(root: Path) -> tuple[list[CaseFiles], dict[str, str]]:
             case_id, split, root,
             ct=(files["CT"] or [images / f"{case_id}__CT.nii.gz"])[0],
             pet=(files["PT"] or [images / f"{case_id}__PT.nii.gz"])[0],
-            label=(files["label"] or [root / "labelsTr" / f"{case_id}.nii.gz"])[0] if split == "train" else None,
+            label=(files["label"] or [root / "labelsTr" / f"{case_id}.nii.gz"])[0] if split == "train"
+            else (files["label"] or [None])[0],
             problems=tuple(_center_problem(case_id) + problems)))
     return cases, ignored
 
@@ -512,7 +520,9 @@ def _check_target(raw_root: Path, final_dir: Path, dataset_id: int) -> None:
 def _write_dataset(out_dir: Path, cases: list[CaseFiles], records: dict[str, dict], modalities: list[str],
                    labels: dict[str, int], pemma_block: dict, dataset_name: str) -> Path | None:
     """Write images, labels, dataset.json, crop records and splits of already validated cases."""
-    for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if any(c.split == "test" for c in cases) else ()):
+    test = [c for c in cases if c.split == "test"]
+    for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()) + (
+            ("labelsTs",) if any(c.label is not None for c in test) else ()):
         (out_dir / sub).mkdir(parents=True)
     for case in tqdm(cases, desc="writing cases", unit="case"):
         _write_case(out_dir, case, records[case.case_id], modalities)
@@ -539,7 +549,8 @@ def _write_case(out_dir: Path, case: CaseFiles, record: dict, modalities: list[s
     if case.label is not None:
         label = sitk.Cast(crop(sitk.ReadImage(str(case.label)), record), sitk.sitkUInt8)
         label.CopyInformation(ct)  # equal within header rounding (checked); one grid for every file of the case
-        sitk.WriteImage(label, str(out_dir / "labelsTr" / f"{case.case_id}.nii.gz"), useCompression=True)
+        labels = "labelsTr" if case.split == "train" else "labelsTs"
+        sitk.WriteImage(label, str(out_dir / labels / f"{case.case_id}.nii.gz"), useCompression=True)
 
 
 def _describe_crop(crop: str, crop_size_mm: Sequence[float], edition: int) -> str:

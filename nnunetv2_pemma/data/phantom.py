@@ -8,6 +8,13 @@ grids.
 
 Coordinates are ITK's (LPS, identity direction): +x is the patient's left, +y posterior, +z superior (the head end).
 
+Centres differ as HECKTOR's do (`CENTER_PROFILES`): CT and PET scanners, reconstruction kernels and noise, SUV
+calibration; one new centre images with contrast-enhanced CT and an older PET (`CENTER_EFFECTS`, README "The
+phantom").
+
+Labelled test cases (`labelled_test_cases_per_center`) go to imagesTs/ with their labels in labelsTs/, as HECKTOR's
+released test set: the converter keeps them out of every cross-validation split, and `pemma reproduce` scores them.
+
 With `misalign=(MM, DEG)` the patient moves between the CT and the PET: each case's PET shows the anatomy after a
 rigid motion of exactly MM mm and DEG degrees in random directions (the truth is written to MISALIGNMENT_FILE), so
 that the registration's accuracy can be measured. CT, labels and tables stay byte-identical to the aligned phantom.
@@ -40,11 +47,14 @@ CLINICAL_COLUMNS: tuple[str, ...] = ("PatientID", "Task 1", "Task 2", "CenterID"
                                      "Chemotherapy")
 ENDPOINT_COLUMNS: tuple[str, ...] = ("PatientID", "Relapse", "RFS")
 MISALIGNMENT_FILE = "phantom_misalignment.json"
-HECKTOR_ENTRIES: tuple[str, ...] = ("imagesTr", "labelsTr", "imagesTs", CLINICAL_CSV, ENDPOINT_CSV, MISALIGNMENT_FILE)
+HECKTOR_ENTRIES: tuple[str, ...] = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CLINICAL_CSV, ENDPOINT_CSV,
+                                    MISALIGNMENT_FILE)
 
 MAX_CASES_PER_CENTER = 200
 # Test ids of a centre that also has training cases (MDA) start here, so the two never share an id (or a seed).
 TEST_ID_OFFSET = 200
+# Labelled test cases of every training centre: ids from here on (after every unlabelled test id).
+LABELLED_TEST_ID_OFFSET = 400
 # The phantom's own numeric centre codes for the CenterID column.
 CENTER_IDS: dict[str, int] = {c: i for i, c in enumerate(dict.fromkeys(TRAINING_CENTERS_2022 + TEST_CENTERS_2022), 1)}
 
@@ -67,6 +77,7 @@ class CenterProfile:
     pet_fwhm_mm: float  # PET point-spread function
     pet_counts_per_suv: float  # Poisson counts per voxel for SUV 1 (lower = noisier)
     suv_scale: float  # calibration factor of the SUV values
+    ct_contrast_hu: float = 0.0  # iodine contrast: arterial enhancement in HU (0 = non-contrast CT); see _render
 
 
 CENTER_PROFILES: dict[str, CenterProfile] = {
@@ -74,11 +85,21 @@ CENTER_PROFILES: dict[str, CenterProfile] = {
     "CHUP": CenterProfile(1.00, 2.0, 18.0, 0.3, 4.00, 5.0, 30.0, 1.08),
     "CHUS": CenterProfile(0.98, 3.0, 10.0, 0.8, 3.27, 7.0, 50.0, 0.95),
     "CHUV": CenterProfile(1.00, 2.0, 15.0, 0.5, 3.27, 5.5, 35.0, 1.05),
-    "HGJ": CenterProfile(0.98, 3.0, 20.0, 0.4, 3.27, 6.5, 25.0, 0.92),
-    "HMR": CenterProfile(1.00, 2.5, 14.0, 0.7, 3.27, 7.5, 45.0, 1.10),
+    # new dataset 1: contrast-enhanced CT; an older PET without resolution recovery (coarser), calibrated lower
+    "HGJ": CenterProfile(0.98, 3.0, 20.0, 0.4, 3.27, 9.0, 25.0, 0.80, ct_contrast_hu=160.0),
+    # new dataset 2: a sharp CT kernel with high noise
+    "HMR": CenterProfile(1.00, 2.5, 32.0, 0.15, 3.27, 7.5, 45.0, 1.10),
     "MDA": CenterProfile(0.98, 2.5, 16.0, 0.5, 4.00, 6.0, 35.0, 0.97),
     "USZ": CenterProfile(0.98, 2.0, 11.0, 0.6, 3.00, 5.0, 45.0, 1.12),
     "CHB": CenterProfile(1.00, 2.5, 17.0, 0.4, 4.00, 6.5, 30.0, 0.90),
+}
+
+
+# The new centres' shifts beyond scanner noise and spacing, which a CT model trained at the other centres has not
+# seen (README "The phantom": why these).
+CENTER_EFFECTS: dict[str, str] = {
+    "HGJ": "contrast-enhanced CT (arteries +160 HU, lesion rims +56 HU); older PET: 9 mm FWHM, SUV calibration x0.80",
+    "HMR": "sharp CT kernel (0.15 mm) with high noise (32 HU)",
 }
 
 
@@ -109,6 +130,7 @@ CORTICAL = (1000.0, 0.6)
 CANCELLOUS = (700.0, 0.9)
 DISC = (80.0, 0.8)
 CORD = (35.0, 0.6)
+BLOOD = (45.0, 1.0)  # unenhanced blood; on PET like the soft tissue around it
 BRAIN_HU = 35.0
 HU_RANGE = (-1024, 3071)
 
@@ -236,6 +258,7 @@ class PhantomSummary:
     test_case_ids: tuple[str, ...]
     cases_without_gtvn: tuple[str, ...]
     misalign: tuple[float, float] | None = None
+    labelled_test_case_ids: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         def centers(ids: tuple[str, ...]) -> str:
@@ -243,6 +266,9 @@ class PhantomSummary:
 
         test = (f", plus {len(self.test_case_ids)} unlabelled test cases in imagesTs/ ({centers(self.test_case_ids)})"
                 if self.test_case_ids else "")
+        if self.labelled_test_case_ids:
+            test += (f", plus {len(self.labelled_test_case_ids)} labelled test cases in imagesTs/ and labelsTs/ "
+                     f"({centers(self.labelled_test_case_ids)}; in no cross-validation split)")
         if self.misalign is not None:
             test += (f"; every PET misaligned by {self.misalign[0]:g} mm and {self.misalign[1]:g} degrees (truth in "
                      f"{MISALIGNMENT_FILE})")
@@ -255,35 +281,39 @@ class PhantomSummary:
 
 
 def write_phantom(out_dir: Path, cases_per_center: int, size: str = "small", seed: int = 0,
-                  test_cases_per_center: int = 0, misalign: tuple[float, float] | None = None) -> PhantomSummary:
+                  test_cases_per_center: int = 0, misalign: tuple[float, float] | None = None,
+                  labelled_test_cases_per_center: int = 0) -> PhantomSummary:
     """Write `cases_per_center` labelled cases for each HECKTOR 2022 training centre (and optionally unlabelled test
-    cases) with the clinical and endpoint tables into `out_dir`, atomically: the files are built in a temporary
-    sibling folder and moved in at the end, so a failed run leaves nothing half-written.
+    cases of the test centres, and labelled test cases of every training centre in imagesTs/ + labelsTs/) with the
+    clinical and endpoint tables into `out_dir`, atomically: the files are built in a temporary sibling folder and
+    moved in at the end, so a failed run leaves nothing half-written.
 
     Each case is seeded from (seed, case id): the same arguments give the same bytes, and more cases per centre
     leave the existing ones unchanged. misalign: (mm, degrees) of patient motion between CT and PET in every case
     (random directions; the truth goes to MISALIGNMENT_FILE); None or (0, 0): aligned.
     """
     out_dir = Path(out_dir)
-    _validate(out_dir, cases_per_center, size, seed, test_cases_per_center, misalign)
+    _validate(out_dir, cases_per_center, size, seed, test_cases_per_center, misalign, labelled_test_cases_per_center)
     misalign = None if misalign is None or not any(misalign) else (float(misalign[0]), float(misalign[1]))
     train = [(c, f"{c}-{i:03d}") for c in TRAINING_CENTERS_2022 for i in range(1, cases_per_center + 1)]
     test = [(c, f"{c}-{i + (TEST_ID_OFFSET if c in TRAINING_CENTERS_2022 else 0):03d}")
             for c in TEST_CENTERS_2022 for i in range(1, test_cases_per_center + 1)]
+    labelled = [(c, f"{c}-{i + LABELLED_TEST_ID_OFFSET:03d}") for c in TRAINING_CENTERS_2022
+                for i in range(1, labelled_test_cases_per_center + 1)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        no_nodes = _write_cases(tmp, train, test, SIZES[size], seed, misalign)
+        no_nodes = _write_cases(tmp, train, test, labelled, SIZES[size], seed, misalign)
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PhantomSummary(out_dir=out_dir, size=size, seed=seed, case_ids=tuple(i for _, i in train),
                           test_case_ids=tuple(i for _, i in test), cases_without_gtvn=tuple(no_nodes),
-                          misalign=misalign)
+                          misalign=misalign, labelled_test_case_ids=tuple(i for _, i in labelled))
 
 
 def _validate(out_dir: Path, cases_per_center: int, size: str, seed: int, test_cases_per_center: int,
-              misalign: tuple[float, float] | None) -> None:
+              misalign: tuple[float, float] | None, labelled_test_cases_per_center: int = 0) -> None:
     """Reject bad arguments before anything is written."""
     def count_ok(n: object, low: int) -> bool:
         return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and low <= n <= MAX_CASES_PER_CENTER
@@ -294,6 +324,9 @@ def _validate(out_dir: Path, cases_per_center: int, size: str, seed: int, test_c
     if not count_ok(test_cases_per_center, 0):
         raise InputDataError(f"test_cases_per_center must be an integer from 0 to {MAX_CASES_PER_CENTER}, "
                              f"got {test_cases_per_center!r}")
+    if not count_ok(labelled_test_cases_per_center, 0):
+        raise InputDataError(f"labelled_test_cases_per_center must be an integer from 0 to {MAX_CASES_PER_CENTER}, "
+                             f"got {labelled_test_cases_per_center!r}")
     if size not in SIZES:
         raise InputDataError(f"unknown phantom size {size!r}; choose one of {', '.join(SIZES)}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -321,14 +354,18 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         entry.rename(out_dir / entry.name)
 
 
-def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str, str]], size: PhantomSize,
-                 seed: int, misalign: tuple[float, float] | None) -> list[str]:
-    """Write every case's images (and labels and table rows for training cases); returns the cases without GTVn."""
-    for folder in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()):
+def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str, str]],
+                 labelled: list[tuple[str, str]], size: PhantomSize, seed: int,
+                 misalign: tuple[float, float] | None) -> list[str]:
+    """Write every case's images (and labels and table rows for training and labelled test cases); returns the
+    training cases without GTVn."""
+    for folder in ("imagesTr", "labelsTr") + (("imagesTs",) if test or labelled else ()) + (
+            ("labelsTs",) if labelled else ()):
         (root / folder).mkdir()
     clinical, endpoint, no_nodes, truth = [], [], [], {}
-    jobs = [(c, i, "imagesTr") for c, i in train] + [(c, i, "imagesTs") for c, i in test]
-    for center, case_id, folder in tqdm(jobs, desc="phantom", unit="case"):
+    jobs = ([(c, i, "imagesTr", "labelsTr") for c, i in train] + [(c, i, "imagesTs", None) for c, i in test]
+            + [(c, i, "imagesTs", "labelsTs") for c, i in labelled])
+    for center, case_id, folder, label_folder in tqdm(jobs, desc="phantom", unit="case"):
         geometry_rng, ct_rng, pet_rng, patient_rng, motion_rng = _case_rngs(case_id, seed)
         case = _draw_case(case_id, center, size, geometry_rng, misalign, motion_rng)
         if case.motion is not None:
@@ -336,11 +373,11 @@ def _write_cases(root: Path, train: list[tuple[str, str]], test: list[tuple[str,
         ct, label = _ct_and_label(case, ct_rng)
         _write(ct, root / folder / f"{case_id}__CT.nii.gz")
         _write(_pet(case, pet_rng), root / folder / f"{case_id}__PT.nii.gz")
-        if folder == "imagesTs":
+        if label_folder is None:
             continue
-        _write(label, root / "labelsTr" / f"{case_id}.nii.gz")
+        _write(label, root / label_folder / f"{case_id}.nii.gz")
         labels = sitk.GetArrayViewFromImage(label)
-        if not (labels == LABELS_2022["GTVn"]).any():
+        if label_folder == "labelsTr" and not (labels == LABELS_2022["GTVn"]).any():
             no_nodes.append(case_id)
         gtvp_ml = float((labels == LABELS_2022["GTVp"]).sum()) * math.prod(label.GetSpacing()) / 1000.0
         row, outcome = _patient_record(case, gtvp_ml, size, patient_rng)
@@ -434,6 +471,8 @@ VERTEBRA = (0.0, 6.0, 4.5, 1.2)  # centre, radius, cortical rim
 DISC_PERIOD, DISC_HEIGHT = 8.0, 2.0
 CANAL = (0.0, 13.0, 2.0, 3.2)  # centre, canal radius, outer radius of the bony arch
 PARASPINAL = (6.5, 15.5, 4.0, 2.5)  # +/- x
+CAROTID = (9.5, 0.5, 1.6)  # +/- x, y, radius: the common carotid arteries
+JUGULAR = (12.0, -0.5, 2.2)  # the internal jugular veins, anterolateral to the arteries
 MANDIBLE = (0.0, 1.0, 12.5, 15.0, -2.0, 0.62, 0.78)  # centre, inner and outer radius, anterior of y, z range
 GTVP_Z = (0.25, 0.7)
 NODE_Z = (0.2, 0.55)
@@ -451,6 +490,13 @@ NODE_HU_ABOVE_MUSCLE = (15.0, 30.0)
 NODE_SUV = (3.0, 8.0)
 MIMIC_COUNT_P = (0.1, 0.45, 0.45)  # P(0, 1, 2 mimics) drawn; one that finds no free place is left out
 MIMIC_SUV = (4.0, 14.0)
+
+# Contrast-enhanced CT (a centre's `ct_contrast_hu` = c): HU added to each tissue, as fractions of c. Arteries
+# take it all, veins most; tumour and nodes enhance at their rim (outside LESION_CORE of their radii) more than in
+# their core; muscle and mucosa a little. So a model that learnt non-contrast CT meets bright tubes beside the nodes
+# and lesions that are brighter than any it saw, with a ring.
+ENHANCEMENT = {"artery": 1.0, "vein": 0.8, "lesion_rim": 0.35, "lesion_core": 0.12, "muscle": 0.08}
+LESION_CORE = 0.7
 
 
 def _draw_anatomy(axis_x: float, axis_y: float, z_lo: float, z_hi: float, size: PhantomSize,
@@ -529,9 +575,17 @@ def _apart(a: Ellipsoid, b: Ellipsoid, gap: float) -> bool:
 
 # --- rendering ----------------------------------------------------------------------------------------------------
 
-def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """True HU, SUV and label at physical points: later structures overwrite earlier ones."""
+def _core(shapes: tuple[Ellipsoid, ...], x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Inside the shapes shrunk to LESION_CORE of their radii: what is not core is a lesion's rim."""
+    return _inside_any(tuple(Ellipsoid(e.center, tuple(LESION_CORE * r for r in e.radii)) for e in shapes), x, y, z)
+
+
+def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+            contrast_hu: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True HU, SUV and label at physical points: later structures overwrite earlier ones. `contrast_hu`: the
+    arterial enhancement of contrast-enhanced CT (ENHANCEMENT; 0 = non-contrast)."""
     s = anat.scale
+    muscle = (MUSCLE[0] + ENHANCEMENT["muscle"] * contrast_hu, MUSCLE[1])
     u, v = (x - anat.axis_x) / s, (y - anat.axis_y) / s  # in-plane, in anatomy units
     w = (z - anat.z_lo) / (anat.z_hi - anat.z_lo)  # fraction of the field of view, 0 = inferior
     hu, suv = np.full(x.shape, AIR[0], np.float32), np.zeros(x.shape, np.float32)
@@ -547,10 +601,13 @@ def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple
     paint(body, FAT)
     paint(inner, SOFT)
     pharynx = w <= AIRWAY_TOP
-    paint(pharynx & ellipse(AIRWAY[0], AIRWAY[1], *CONSTRICTOR), MUSCLE)
+    paint(pharynx & ellipse(AIRWAY[0], AIRWAY[1], *CONSTRICTOR), muscle)
     for side in (-1, 1):
-        paint(ellipse(side * STERNOCLEIDOMASTOID[0], *STERNOCLEIDOMASTOID[1:]), MUSCLE)
-        paint(ellipse(side * PARASPINAL[0], *PARASPINAL[1:]), MUSCLE)
+        paint(ellipse(side * STERNOCLEIDOMASTOID[0], *STERNOCLEIDOMASTOID[1:]), muscle)
+        paint(ellipse(side * PARASPINAL[0], *PARASPINAL[1:]), muscle)
+        for (vx, vy, radius), kind in ((CAROTID, "artery"), (JUGULAR, "vein")):
+            blood = (BLOOD[0] + ENHANCEMENT[kind] * contrast_hu, BLOOD[1])
+            paint(inner & ellipse(side * vx, vy, radius, radius), blood)
     _paint_spine(paint, u, v, z / s)
     radius = np.hypot(u - MANDIBLE[0], v - MANDIBLE[1])
     paint((radius >= MANDIBLE[2]) & (radius <= MANDIBLE[3]) & (v < MANDIBLE[4]) & (w >= MANDIBLE[5])
@@ -559,18 +616,23 @@ def _render(anat: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple
     paint(body & Ellipsoid(anat.brain.center, skull).inside(x, y, z), CORTICAL)
     paint(body & anat.brain.inside(x, y, z), (BRAIN_HU, anat.brain_suv))
     paint(pharynx & ellipse(*AIRWAY), AIR)
-    paint(_inside_any(anat.vocal_cords, x, y, z), (MUSCLE[0], anat.vocal_cord_suv))
-    paint(_inside_any(anat.tonsils, x, y, z), (MUSCLE[0], anat.tonsil_suv))
+    paint(_inside_any(anat.vocal_cords, x, y, z), (muscle[0], anat.vocal_cord_suv))
+    paint(_inside_any(anat.tonsils, x, y, z), (muscle[0], anat.tonsil_suv))
     in_tissue = inner & (hu > -500)  # lesions and mimics grow in tissue, not into the airway's lumen
     for mimic, mimic_suv in zip(anat.mimics, anat.mimic_suv):
         suv[in_tissue & _inside_any(mimic, x, y, z)] = mimic_suv  # uptake only: CT keeps its tissue
     # Lesions last, inside the fat layer and outside the airway: the label is exactly where they are painted.
+    rim, core = ENHANCEMENT["lesion_rim"] * contrast_hu, ENHANCEMENT["lesion_core"] * contrast_hu
     for node, node_hu, node_suv in zip(anat.nodes, anat.node_hu, anat.node_suv):
         mask = in_tissue & node.inside(x, y, z)
-        paint(mask, (node_hu, node_suv))
+        paint(mask, (node_hu + rim, node_suv))
+        if contrast_hu:
+            hu[mask & _core((node,), x, y, z)] = node_hu + core
         label[mask] = LABELS_2022["GTVn"]
     mask = in_tissue & _inside_any(anat.gtvp, x, y, z)
-    paint(mask, (anat.gtvp_hu, anat.gtvp_suv))
+    paint(mask, (anat.gtvp_hu + rim, anat.gtvp_suv))
+    if contrast_hu:
+        hu[mask & _core(anat.gtvp, x, y, z)] = anat.gtvp_hu + core
     label[mask] = LABELS_2022["GTVp"]
     return hu, suv, label
 
@@ -591,7 +653,7 @@ def _paint_spine(paint: Callable[[np.ndarray, tuple[float, float]], None], u: np
 def _ct_and_label(case: Case, rng: np.random.Generator) -> tuple[sitk.Image, sitk.Image]:
     """CT in HU (int16) after the centre's reconstruction kernel and noise, and the label (uint8) on the same grid."""
     grid, profile = case.ct_grid, case.profile
-    hu, _, label = _render(case.anatomy, *grid.coordinates())
+    hu, _, label = _render(case.anatomy, *grid.coordinates(), contrast_hu=profile.ct_contrast_hu)
     sigma = (0.0, profile.ct_kernel_mm / grid.spacing[1], profile.ct_kernel_mm / grid.spacing[0])
     noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape), sigma)
     ct = ndimage.gaussian_filter(hu, sigma) + noise * (profile.ct_noise_hu / noise.std())

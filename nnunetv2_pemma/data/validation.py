@@ -46,7 +46,7 @@ class CaseFiles:
     """
 
     case_id: str
-    split: str  # "train" (imagesTr + label) or "test" (imagesTs, no label)
+    split: str  # "train" (imagesTr + labelsTr) or "test" (imagesTs, with a label in labelsTs or none)
     root: Path  # the input folder, to keep messages short
     ct: Path
     pet: Path
