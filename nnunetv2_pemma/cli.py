@@ -119,14 +119,15 @@ def _reproduce(args: argparse.Namespace) -> None:
 
         print(run_prognosis(Path(args.out), args.preset or "prognosis", hecktor=hecktor,
                             phantom_cases=args.cases_per_center or 40, phantom_size=args.size, device=args.device,
-                            gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs))
+                            gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs,
+                            test_cases=args.labelled_test_cases_per_center))
         return
     from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
     print(run_reproduce(Path(args.out), args.preset or "demo", hecktor=hecktor,
                         phantom_cases=args.cases_per_center or 30, phantom_size=args.size, device=args.device,
                         gpus=args.gpus, scope=args.scope, seed=args.seed, cpu_jobs=args.cpu_jobs,
-                        adapter_methods=args.adapter_methods))
+                        adapter_methods=args.adapter_methods, test_cases=args.labelled_test_cases_per_center))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -134,7 +135,8 @@ def _compare(args: argparse.Namespace) -> None:
 
     rows, paths = run_compare(Path(args.out), args.preset, hecktor=None if args.phantom else Path(args.hecktor),
                               phantom_cases=args.cases_per_center, phantom_size=args.size, device=args.device,
-                              gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs)
+                              gpus=args.gpus, seed=args.seed, cpu_jobs=args.cpu_jobs,
+                              test_cases=args.labelled_test_cases_per_center)
     print(f"{markdown(rows)}\n\nPeer table: {paths['md']}, {paths['csv']}, {paths['png']}; "
           f"logs: {Path(args.out) / 'logs'}")
 
@@ -148,6 +150,8 @@ def _add_job_graph_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the phantom and every training (PEMMA_SEED): the same seed on the same "
                         "machine gives the same tables")
+    p.add_argument("--labelled-test-cases-per-center", type=int, default=20,
+                   help="phantom: labelled test cases per centre, in no split; every table scores them (default 20)")
     p.add_argument("--cpu-jobs", type=int, default=2,
                    help="on CPU, trainings that run side by side, sharing the cores (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -178,7 +182,8 @@ def _demo(args: argparse.Namespace) -> None:
     from nnunetv2_pemma.experiments.reproduce import run_reproduce
 
     print(run_reproduce(Path(args.out), "demo", hecktor=None, phantom_cases=args.cases_per_center,
-                        phantom_size="small", device="cpu", scope="demo", seed=args.seed))
+                        phantom_size="small", device="cpu", scope="demo", seed=args.seed,
+                        test_cases=args.labelled_test_cases_per_center))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -462,6 +467,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "Resumable; ends with Table 2 and a line per claim on screen.")
     p.add_argument("--out", default="pemma_demo", help="output folder")
     p.add_argument("--cases-per-center", type=int, default=30)
+    p.add_argument("--labelled-test-cases-per-center", type=int, default=20,
+                   help="labelled test cases per centre, in no split: the cases of each Table 2 cell")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the phantom and every training (PEMMA_SEED): the same seed on the same "
                         "machine gives the same tables")

@@ -13,7 +13,7 @@ from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.experiments.protocol import Protocol
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_jobs
 from nnunetv2_pemma.experiments.table2 import (ADAPTATION, BEFORE, INFER, METHODS, columns_of, table2_markdown,
-                                               write_table2)
+                                               updated_on, write_table2)
 
 
 def _trainings(protocol: Protocol) -> list[Job]:
@@ -49,6 +49,11 @@ def test_demo_scope_keeps_the_claims_jobs(tmp_path: Path) -> None:
     assert {m.stage for m in protocol.models} == {ADAPTATION, "New dataset 1"}
     assert {(m.method, m.train) for m in protocol.models if m.stage == "New dataset 1"} == {
         (m, t) for m in ("PEMMA", "Early fusion", "Late fusion") for t in (BEFORE, "C")}
+    # every updated model is also scored on the adaptation centre, where it may have forgotten
+    assert {(m.method, m.train, m.dataset, m.trainer) for m in protocol.models if m.stage == ADAPTATION
+            and m.train != "CP"} == {("PEMMA", updated_on("New dataset 1", "C"), 511, "PEMMAContinualTrainer"),
+                                     ("Early fusion", updated_on("New dataset 1", "C"), 511, "EarlyFusionTrainer"),
+                                     ("Late fusion", updated_on("New dataset 1", "C"), 511, "UNETRTrainer")}
     # the CP images of HGJ are converted (they are the inputs of CP and P inference) but not preprocessed
     assert "convert 512 HNC_CTPET_HGJ" in protocol.jobs and "plans transfer 501->512" not in protocol.jobs
 
@@ -105,19 +110,32 @@ def test_failed_job_names_its_log(tmp_path: Path) -> None:
 
 
 def test_table2_files(tmp_path: Path) -> None:
+    from nnunetv2_pemma.experiments.scoring import interval_columns
+
     rng = np.random.default_rng(0)
-    columns = [(ADAPTATION, "CP"), ("New dataset 1", BEFORE), ("New dataset 1", "C")]
-    rows = [{"method": m, "stage": s, "train": t, "infer": i, "cases": 6, "Tumor": rng.random(),
-             "Lymph": rng.random(), "Avg": 0.5, "DSCagg": 0.5}
-            for m in METHODS for s, t in reversed(columns) for i in INFER]
-    assert columns_of(rows) == columns, "adaptation first, then before-update, C, CP"
+    updated = updated_on("New dataset 1", "C")
+    columns = [(ADAPTATION, "CP"), (ADAPTATION, updated), ("New dataset 1", BEFORE), ("New dataset 1", "C")]
+    rows = []
+    for m in METHODS:
+        for s, t in reversed(columns):
+            for i in INFER:
+                per_case = {f"HGJ-{k:03d}": {"Tumor": rng.random(), "Lymph": rng.random(), "Avg": 0.5} for k in range(5)}
+                rows.append({"method": m, "stage": s, "train": t, "infer": i, "scored_on": "labelled test cases",
+                             "cases": 5, **interval_columns(per_case), "DSCagg": 0.5, "per_case": per_case})
+    assert columns_of(rows) == columns, "adaptation first (its own models, then the updated ones), before, C"
     paths = write_table2(rows, tmp_path)
     markdown = paths["md"].read_text()
     assert markdown == table2_markdown(rows) + "\n"
     first = next(r for r in rows if (r["stage"], r["train"], r["infer"]) == (ADAPTATION, "CP", "CP"))
-    assert f"| {first['method']} | Tumor | {first['Tumor']:.2f} |" in markdown
-    assert "New dataset 1 · adaptation-stage model, before the update · infer P" in markdown
-    assert paths["csv"].read_text().count("\n") == len(rows) + 1
+    assert (f"| {ADAPTATION} | train CP | CP | 5 labelled test cases | {first['Tumor']:.2f} "
+            f"[{first['Tumor_low']:.2f}, {first['Tumor_high']:.2f}] |") in markdown
+    assert first["Tumor_low"] <= first["Tumor"] <= first["Tumor_high"]
+    assert f"| {ADAPTATION} | model {updated} | P |" in markdown
+    assert "| New dataset 1 | adaptation-stage model, before the update | P |" in markdown
+    assert "Lymph-node (GTVn) Dice" in markdown
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert len(csv_lines) == len(rows) + 1 and "per_case" not in csv_lines[0] and "Tumor_high" in csv_lines[0]
+    assert paths["cases"].read_text().count("\n") == 5 * len(rows) + 1
     assert paths["png"].stat().st_size > 10_000
 
 

@@ -135,18 +135,19 @@ def _parameters(network) -> tuple[int, int]:
 
 
 def score_rows(comparison: Comparison, tta: bool) -> list[dict]:
-    """Every row with each of its inputs on the adaptation stage's validation cases."""
+    """Every row with each of its inputs on the adaptation stage's evaluation cases (labelled test cases)."""
     import os
 
     from nnunetv2_pemma.evaluation.metrics import evaluate_folders
     from nnunetv2_pemma.experiments.protocol import nnunet_environment
-    from nnunetv2_pemma.experiments.scoring import _link_inputs, validation_cases
+    from nnunetv2_pemma.experiments.scoring import link_inputs, stage_cases
     from nnunetv2_pemma.inference.predictor import build_predictor, run_predictor
 
     os.environ.update({k: v for k, v in nnunet_environment(comparison.out, comparison.device).items()
                        if k.startswith("nnUNet_")})
-    cases = validation_cases(comparison, ADAPTATION)
-    folders = _link_inputs(comparison, ADAPTATION, cases)
+    scored = stage_cases(comparison, ADAPTATION)
+    cases = list(scored.cases)
+    folders = link_inputs(comparison.out / "comparison", scored)
     rows = []
     for row, infer in tqdm([(r, i) for r in ROWS for i in r.infers], desc="peer table inference", unit="model"):
         out = comparison.out / "comparison" / f"{row.trainer}_{infer}"
@@ -159,12 +160,13 @@ def score_rows(comparison: Comparison, tta: bool) -> list[dict]:
         seconds = (time.perf_counter() - start) / len(cases)
         result = evaluate_folders(out, folders["gt"], LABELS)
         rows.append({"method": row.name, "trainer": row.trainer, "infer": infer, "cases": len(cases),
+                     "scored_on": scored.kind,
                      **{f"{label} {metric}": result.mean[label][metric] for label in LABELS for metric in METRICS},
                      "trainable": trainable, "total": total, "inference_s_per_case": seconds})
     return rows
 
 
-COLUMNS = ("method", "infer", *(f"{label} {metric}" for label in LABELS for metric in METRICS), "trainable",
+COLUMNS = ("method", "infer", "cases", *(f"{label} {metric}" for label in LABELS for metric in METRICS), "trainable",
            "total", "inference_s_per_case")
 
 
@@ -215,12 +217,12 @@ def write_table(rows: Sequence[dict], out: Path, name: str, columns: Sequence[st
 
 def run_compare(out: Path, preset: str = "demo", hecktor: Path | None = None, phantom_cases: int = 30,
                 phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None, seed: int = 0,
-                cpu_jobs: int = 2) -> tuple[list[dict], dict[str, Path]]:
+                cpu_jobs: int = 2, test_cases: int = 20) -> tuple[list[dict], dict[str, Path]]:
     """Run (or resume) the comparison's jobs, score every row, write comparison.md/.csv/.png under OUT."""
     from nnunetv2_pemma.experiments.reproduce import run_job_graph
 
     out = out.resolve()
     comparison, _ = run_job_graph(out, lambda data: Comparison(out, data, preset, device), hecktor, phantom_cases,
-                                  phantom_size, device, gpus, seed, cpu_jobs)
+                                  phantom_size, device, gpus, seed, cpu_jobs, test_cases)
     rows = score_rows(comparison, load_preset(preset).schedule.test_time_mirroring)
     return rows, write_table(rows, out, "comparison", title=f"Peer table ({preset} presets)")

@@ -3,7 +3,8 @@ early fusion) through nnU-Net's commands, on the phantom or on HECKTOR 2022's tr
 
 Two raw datasets hold the same cases with their outcomes: CT only (the CT base's) and CT+PET (every later stage;
 its plans transferred from the CT one). Both get the converter's centre-stratified 5-fold splits, the same for
-both; every model trains on fold 0's training cases and is scored on fold 0's validation cases: Harrell's
+both; every model trains on fold 0's training cases and is scored on the labelled test cases (fold 0's
+validation cases for data without them, as HECKTOR's training centres): Harrell's
 C-index of `pemma predict-risk`'s risks with a bootstrap 95% interval and a Kaplan-Meier plot (`pemma
 evaluate-survival`). The CT base's row is shared by all methods, which all start from it.
 """
@@ -11,7 +12,6 @@ evaluate-survival`). The CT base's row is shared by all methods, which all start
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from nnunetv2_pemma.data.centers import TRAINING_CENTERS_2022
+from nnunetv2_pemma.experiments.evaluation_cases import EvaluationCases, evaluation_cases
 from nnunetv2_pemma.experiments.protocol import nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, success_marker
 from nnunetv2_pemma.plans import load_preset, preset_names
@@ -128,19 +129,18 @@ class PrognosisProtocol:
             first = self._train(CTPET_DATASET, cp, [transfer, base], self.checkpoint(CT_DATASET, BASE_TRAINER))
             self._train(CTPET_DATASET, cpt, [first], self.checkpoint(CTPET_DATASET, cp))
 
-    def validation_cases(self) -> list[str]:
-        """Fold 0's validation cases of the centre-stratified splits (the same for both datasets)."""
-        from nnunetv2_pemma.data.splits import SPLITS_FILE
+    def scored_cases(self, dataset_id: int = CTPET_DATASET) -> EvaluationCases:
+        """The labelled test cases (fold 0's validation cases without them), the same in both datasets."""
+        return evaluation_cases(self.raw(dataset_id))
 
-        return sorted(json.loads((self.raw(CTPET_DATASET) / SPLITS_FILE).read_text())[0]["val"])
-
-    def inputs(self, dataset_id: int, cases: Sequence[str]) -> Path:
-        """A folder of links to the validation cases' images of `dataset_id`."""
+    def inputs(self, dataset_id: int) -> Path:
+        """A folder of links to the scored cases' images of `dataset_id`."""
+        scored = self.scored_cases(dataset_id)
         folder = self.out / "prognosis" / f"inputs_{dataset_id}"
         folder.mkdir(parents=True, exist_ok=True)
-        for source in sorted((self.raw(dataset_id) / "imagesTr").iterdir()):
+        for source in sorted(scored.images.iterdir()):
             link = folder / source.name
-            if source.name.rsplit("_", 1)[0] in cases and not link.exists():
+            if source.name.rsplit("_", 1)[0] in scored.cases and not link.exists():
                 link.symlink_to(source)
         return folder
 
@@ -166,13 +166,12 @@ def trainable_parameters(preset: str, model: PrognosisModel) -> int:
 
 
 def score(protocol: PrognosisProtocol, n_resamples: int = 1000) -> list[dict]:
-    """Each model's risks on fold 0's validation cases, scored with Harrell's C-index."""
+    """Each model's risks on the scored cases (labelled test cases), with Harrell's C-index."""
     from nnunetv2_pemma.evaluation.survival import evaluate_survival
     from nnunetv2_pemma.inference.risk import predict_risk
 
     os.environ.update({k: v for k, v in nnunet_environment(protocol.out, protocol.device).items()
                        if k.startswith("nnUNet_")})
-    cases = protocol.validation_cases()
     outcomes = protocol.raw(CTPET_DATASET)
     rows, done = [], {}
     for model in tqdm(models(), desc="prognosis scoring", unit="model"):
@@ -181,13 +180,13 @@ def score(protocol: PrognosisProtocol, n_resamples: int = 1000) -> list[dict]:
             folder = protocol.out / "prognosis" / f"{model.trainer}_{model.dataset}"
             risks = folder / "risks.csv"
             if not risks.exists():
-                predict_risk(protocol.inputs(model.dataset, cases), risks, protocol.dataset_name(model.dataset),
+                predict_risk(protocol.inputs(model.dataset), risks, protocol.dataset_name(model.dataset),
                              protocol.config_of(model.trainer), model.trainer, [0], outcomes=outcomes,
                              device=protocol.device)
             done[key] = evaluate_survival(risks, outcomes, folder, n_resamples=n_resamples)
         report = done[key]
         rows.append({"method": model.method, "inputs": model.inputs, "trainer": model.trainer,
-                     "c_index": report.c_index, "ci_low": report.c_index_ci95[0], "ci_high": report.c_index_ci95[1],
+                     "scored_on": protocol.scored_cases().kind, "c_index": report.c_index, "ci_low": report.c_index_ci95[0], "ci_high": report.c_index_ci95[1],
                      "logrank_p": report.logrank_p, "cases": report.n_cases, "events": report.n_events,
                      "trainable": trainable_parameters(protocol.preset, model),
                      "paper": PAPER.get(model.method, {}).get(model.inputs)})
@@ -206,13 +205,13 @@ def format_table(rows: list[dict]) -> str:
                          f"({r['trainable']:,} trained{paper})")
         lines.append(f"| {inputs} | " + " | ".join(cells) + " |")
     first = rows[0]
-    return "\n".join(lines) + (f"\n\nHarrell's C-index on {first['cases']} fold-0 validation cases ({first['events']} "
+    return "\n".join(lines) + (f"\n\nHarrell's C-index on {first['cases']} {first['scored_on']} ({first['events']} "
                                f"relapses), bootstrap 95% intervals; C is the shared CT base.")
 
 
 def run_prognosis(out: Path, preset: str = "prognosis", hecktor: Path | None = None, phantom_cases: int = 40,
                   phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None, seed: int = 0,
-                  cpu_jobs: int = 2) -> str:
+                  cpu_jobs: int = 2, test_cases: int = 20) -> str:
     """Run (or resume) the prognosis jobs, score them, write prognosis.md / prognosis.csv; returns the report."""
     import pandas as pd
 
@@ -220,7 +219,7 @@ def run_prognosis(out: Path, preset: str = "prognosis", hecktor: Path | None = N
 
     out = out.resolve()
     protocol, _ = run_job_graph(out, lambda data: PrognosisProtocol(out, data, preset, device), hecktor,
-                                phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
+                                phantom_cases, phantom_size, device, gpus, seed, cpu_jobs, test_cases)
     logs = out / "logs"
     rows = score(protocol)
     table = format_table(rows)

@@ -4,8 +4,10 @@ trains, so that running them (`reproduce`) and scoring them (`scoring`) share on
 Stages: CT base on the pre-training centres (CHUM, CHUP, CHUS, CHUV); multi-modal adaptation on MDA (CT+PET);
 then new dataset 1 (HGJ) and new dataset 2 (HMR), each trained with CT alone (C) and with CT+PET (CP), each
 starting from the adaptation-stage models. Methods: PEMMA, early fusion, late fusion. Every model is evaluated
-with CP, C and P input on its stage's fold-0 validation cases, and so are the adaptation-stage models on each new
-centre's cases ("before the update": the reference that forgetting is measured against).
+with CP, C and P input on its stage's evaluation cases (labelled test cases; fold 0's validation cases where a
+dataset has none), and so are the adaptation-stage models on each new centre's cases ("before the update": what
+the update is measured against) and each updated model on the adaptation centre's cases (what it may have
+forgotten there).
 
 The demo scope keeps what the claims need within 15 minutes on two cores: the adaptation stage and new dataset
 1's CT-only update (the forgetting test). Other adaptation methods (DoRA, context priors, a mixture of adapters)
@@ -14,6 +16,7 @@ join as further PEMMA rows, trained like PEMMA at every stage (`adapter_methods`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from nnunetv2_pemma.environment import NNUNET_FOLDERS, nnunet_variables
 from nnunetv2_pemma.experiments.adapter_rows import ADAPTER_METHODS
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.experiments.scheduler import Job, success_marker
-from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE
+from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE, updated_on
 from nnunetv2_pemma.plans import load_preset, preset_names
 
 PRETRAINING = PAPER_STAGES["pretraining"]
@@ -46,7 +49,8 @@ class Model:
 
     method: str
     stage: str
-    train: str  # "CP", "C", or BEFORE (the adaptation-stage model scored on a new centre)
+    train: str  # "CP", "C", BEFORE (the adaptation-stage model scored on a new centre) or `updated_on(...)` (an
+    # updated model scored on the adaptation centre)
     dataset: int  # the trained dataset (for PEMMA/early fusion), or the CT model's (late fusion)
     trainer: str
     config: str
@@ -164,19 +168,25 @@ class Protocol:
                             self.checkpoint(502, "PEMMATrainer"))
                 self._train(dataset_id, "EarlyFusionTrainer", [ready[train], early],
                             self.checkpoint(502, "EarlyFusionTrainer"))
-                self.models += [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
-                                Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
+                updated = [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
+                           Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
                 for name, adapting_job, continual, adapting in others:
                     self._train(dataset_id, continual, [ready[train], adapting_job], self.checkpoint(502, adapting))
-                    self.models.append(Model(name, stage, train, dataset_id, continual, cfg))
+                    updated.append(Model(name, stage, train, dataset_id, continual, cfg))
+                self._add_updated(updated)
             # late fusion: the CT model is fine-tuned on the new CT data; with CP data the PET model is too
             self._train(c_id, "UNETRTrainer", [ready.get("C") or self._transfer(c_id, [self._convert(
                 c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])]), base_job], base)
-            self.models.append(Model("Late fusion", stage, "C", c_id, "UNETRTrainer", cfg, 503, base_cfg))
+            self._add_updated([Model("Late fusion", stage, "C", c_id, "UNETRTrainer", cfg, 503, base_cfg)])
             if "CP" in trained:
                 pj = self._transfer(p_id, [self._convert(p_id, f"HNC_PET_{centre}", [centre], ["PET"], [add])])
                 self._train(p_id, "UNETRTrainer", [pj, pet_model], self.checkpoint(503, "UNETRTrainer", base_cfg))
-                self.models.append(Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", cfg, p_id, cfg))
+                self._add_updated([Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", cfg, p_id, cfg)])
+
+    def _add_updated(self, updated: list[Model]) -> None:
+        """Models trained on a new centre: scored there, and on the adaptation centre's cases."""
+        self.models += updated
+        self.models += [dataclasses.replace(m, stage=ADAPTATION, train=updated_on(m.stage, m.train)) for m in updated]
 
     def evaluation_dataset(self, stage: str) -> int:
         """The CT+PET dataset whose fold-0 validation cases score a stage's models."""

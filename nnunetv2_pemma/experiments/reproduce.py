@@ -13,7 +13,7 @@ from typing import Callable, Sequence, TypeVar
 from nnunetv2_pemma.experiments.claims import DEMO, Tolerances, check_claims
 from nnunetv2_pemma.experiments.protocol import Protocol, nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs
-from nnunetv2_pemma.experiments.scoring import base_validation_dice, score_models
+from nnunetv2_pemma.experiments.scoring import score_base, score_models
 from nnunetv2_pemma.experiments.table2 import write_table2
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.plans import load_preset
@@ -26,20 +26,22 @@ class ReproduceResult:
 
     out: Path
     rows: list[dict]
-    base_dice: dict[str, float] | None
+    base_row: dict | None  # the CT base on its own evaluation cases
     trainable_fraction: float
     timings: dict[str, float]
 
 
 P = TypeVar("P")
+TEST_CASES_PER_CENTER = 20  # the phantom's labelled test cases per centre: the cases of one Table 2 cell
 
 
 def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, phantom_cases: int,
-                  phantom_size: str, device: str, gpus: Sequence[str] | None, seed: int, cpu_jobs: int
-                  ) -> tuple[P, dict[str, float]]:
+                  phantom_size: str, device: str, gpus: Sequence[str] | None, seed: int, cpu_jobs: int,
+                  test_cases: int = TEST_CASES_PER_CENTER) -> tuple[P, dict[str, float]]:
     """Run (or resume) the jobs of `build(data folder)` under OUT (nnU-Net's folders there); `hecktor=None` draws a
-    phantom with `seed` first, and every training is seeded with `seed` (PEMMA_SEED). Each job's wall time is added
-    to OUT/timings.json. Returns the protocol and the timings of this run."""
+    phantom with `seed` first (`phantom_cases` training and `test_cases` labelled test cases per centre), and every
+    training is seeded with `seed` (PEMMA_SEED). Each job's wall time is added to OUT/timings.json. Returns the
+    protocol and the timings of this run."""
     if seed < 0:
         raise PemmaError(f"--seed must be a non-negative integer, got {seed}")
     logs = out / "logs"
@@ -49,7 +51,8 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
         hecktor = out / "hecktor_phantom"
         if not (hecktor / "imagesTr").is_dir():
             run_job(Job("phantom", ["pemma", "phantom", str(hecktor), "--cases-per-center", str(phantom_cases),
-                                    "--size", phantom_size, "--seed", str(seed)], hecktor / "imagesTr"), env, logs)
+                                    "--labelled-test-cases-per-center", str(test_cases), "--size", phantom_size,
+                                    "--seed", str(seed)], hecktor / "imagesTr"), env, logs)
     protocol = build(hecktor.resolve())
     slots = [Slot(gpu=g) for g in gpus] if gpus else cpu_slots(cpu_jobs) if device == "cpu" else [Slot()]
     timings = run_jobs(protocol.jobs, env, logs, slots)
@@ -60,18 +63,20 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
 
 def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_cases: int = 30,
                  phantom_size: str = "small", device: str = "cpu", gpus: Sequence[str] | None = None,
-                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2, adapter_methods: Sequence[str] = ()
-                 ) -> ReproduceResult:
+                 scope: str = "full", seed: int = 0, cpu_jobs: int = 2, adapter_methods: Sequence[str] = (),
+                 test_cases: int = TEST_CASES_PER_CENTER) -> ReproduceResult:
     """Run (or resume) the protocol and score it. `hecktor=None` uses a phantom drawn with `seed`;
     `adapter_methods` adds PEMMA rows with other adaptation methods (`protocol.ADAPTER_METHODS`)."""
     out = out.resolve()
     protocol, timings = run_job_graph(out, lambda data: Protocol(out, data, preset, device, scope, adapter_methods),
-                                      hecktor, phantom_cases, phantom_size, device, gpus, seed, cpu_jobs)
-    rows = score_models(protocol, load_preset(preset).schedule.test_time_mirroring)
+                                      hecktor, phantom_cases, phantom_size, device, gpus, seed, cpu_jobs,
+                                      test_cases)
+    tta = load_preset(preset).schedule.test_time_mirroring
+    rows = score_models(protocol, tta)
     from nnunetv2_pemma.evaluation.parameters import measure
 
     pemma_row = measure(preset)[-1]
-    return ReproduceResult(out, rows, base_validation_dice(protocol), pemma_row["trainable_over_phi"], timings)
+    return ReproduceResult(out, rows, score_base(protocol, tta), pemma_row["trainable_over_phi"], timings)
 
 
 def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwargs) -> str:
@@ -81,7 +86,7 @@ def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwarg
     result = run_protocol(out, preset, **kwargs)
     paths = write_table2(result.rows, result.out)
     (result.out / "parameters.md").write_text(format_parameter_table(measure(preset)) + "\n")
-    claims = check_claims(result.rows, tolerances, result.base_dice, result.trainable_fraction)
+    claims = check_claims(result.rows, tolerances, result.base_row, result.trainable_fraction)
     (result.out / "claims.txt").write_text("\n".join(map(str, claims)) + "\n")
     return (f"{paths['md'].read_text()}\n" + "\n".join(map(str, claims))
             + f"\n\nTable 2: {paths['md']}, {paths['csv']}, {paths['png']}; claims: {result.out / 'claims.txt'}; "

@@ -1,54 +1,53 @@
-"""Table 2's numbers for a run of the protocol: every model predicts its stage's fold-0 validation cases with CP, C
-and P input (PEMMA also with the absent modality's tokens dropped), and the predictions are scored with Dice.
+"""Table 2's numbers for a run of the protocol: every model predicts its stage's evaluation cases (labelled test
+cases, or fold 0's validation cases where a dataset has none: `evaluation_cases`) with CP, C and P input (PEMMA
+also with the absent modality's tokens dropped), and each prediction is scored with Dice per case. A row keeps its
+per-case Dice (for the paired claims) and each metric's mean with a bootstrap interval over the cases.
 Predictions already on disk are kept, so a stopped scoring resumes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from nnunetv2_pemma.evaluation.intervals import mean_interval
+from nnunetv2_pemma.experiments.evaluation_cases import EvaluationCases, evaluation_cases
 from nnunetv2_pemma.experiments.protocol import Model, Protocol, nnunet_environment
-from nnunetv2_pemma.experiments.table2 import INFER
+from nnunetv2_pemma.experiments.table2 import INFER, METRICS
 
 LABELS = {"GTVp": 1, "GTVn": 2}
+METRIC_OF_LABEL = {"GTVp": "Tumor", "GTVn": "Lymph"}
 DROP = "PEMMA (drop)"  # the PEMMA models, with an absent modality's tokens left out instead of a zero image
 
 
-def _stage_slug(stage: str) -> str:
-    return stage.lower().replace(" ", "_")
+def _slug(text: str) -> str:
+    return text.lower().replace(" ", "_").replace("(", "").replace(")", "")
 
 
-def validation_cases(protocol: Protocol, stage: str) -> list[str]:
-    """The stage's fold-0 validation cases, from the centre-stratified splits next to the raw CP dataset."""
-    from nnunetv2_pemma.data.splits import SPLITS_FILE
-
-    raw = protocol.out / "nnUNet_raw" / protocol.dataset_name(protocol.evaluation_dataset(stage))
-    return sorted(json.loads((raw / SPLITS_FILE).read_text())[0]["val"])
+def stage_cases(protocol: Protocol, stage: str) -> EvaluationCases:
+    """The cases a stage's models are scored on, from the stage's CT+PET raw dataset."""
+    return evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(protocol.evaluation_dataset(stage)))
 
 
-def _link_inputs(protocol: Protocol, stage: str, cases: list[str]) -> dict[str, Path]:
-    """Per inference setting (CP, C, P), a folder of the stage's validation cases with just those channels, and
-    a folder of their reference labels."""
-    raw = protocol.out / "nnUNet_raw" / protocol.dataset_name(protocol.evaluation_dataset(stage))
-    root = protocol.out / "evaluation" / _stage_slug(stage)
+def link_inputs(root: Path, scored: EvaluationCases) -> dict[str, Path]:
+    """Per inference setting (CP, C, P), a folder under ROOT of the cases with just those channels (the raw
+    dataset's channel 0 is CT, 1 PET), and "gt", a folder of their reference labels."""
     folders = {infer: root / f"inputs_{infer}" for infer in INFER} | {"gt": root / "reference"}
     for infer, modalities in INFER.items():
         folders[infer].mkdir(parents=True, exist_ok=True)
-        for case in cases:
+        for case in scored.cases:
             for i, m in enumerate(modalities):
                 link = folders[infer] / f"{case}_{i:04d}.nii.gz"
                 if not link.exists():
-                    link.symlink_to(raw / "imagesTr" / f"{case}_{('CT', 'PET').index(m):04d}.nii.gz")
+                    link.symlink_to(scored.images / f"{case}_{('CT', 'PET').index(m):04d}.nii.gz")
     folders["gt"].mkdir(parents=True, exist_ok=True)
-    for case in cases:
+    for case in scored.cases:
         link = folders["gt"] / f"{case}.nii.gz"
         if not link.exists():
-            link.symlink_to(raw / "labelsTr" / f"{case}.nii.gz")
+            link.symlink_to(scored.labels / f"{case}.nii.gz")
     return folders
 
 
@@ -71,41 +70,75 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
     run_predictor(predictor, inputs, out, cases, len(INFER[infer]))
 
 
-def score_models(protocol: Protocol, tta: bool) -> list[dict]:
-    """Dice of every model with CP, C and P input on its stage's validation cases (the rows of Table 2)."""
+def scored_row(prediction: Path, reference: Path, **keys: object) -> dict:
+    """A row of `keys` with the per-case Dice of a prediction folder ("per_case": case -> metric -> Dice) and each
+    metric's mean and bootstrap interval over the cases (Avg: per case, the mean of the labels it defines)."""
     from nnunetv2_pemma.evaluation.metrics import evaluate_folders
 
+    result = evaluate_folders(prediction, reference, LABELS)
+    per_case = {}
+    for entry in result.per_case:
+        dice = {METRIC_OF_LABEL[label]: float(entry[label]["dice"]) for label in LABELS}
+        defined = [v for v in dice.values() if not np.isnan(v)]
+        per_case[entry["case"]] = {**dice, "Avg": float(np.mean(defined)) if defined else float("nan")}
+    return {**keys, "cases": len(per_case), **interval_columns(per_case), "DSCagg": result.aggregated_dice_mean,
+            "per_case": per_case}
+
+
+def interval_columns(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the cases, and its 95 % bootstrap interval (`<metric>_low`, `<metric>_high`)."""
+    out = {}
+    for metric in METRICS:
+        estimate = mean_interval([scores[metric] for scores in per_case.values()])
+        out |= {metric: estimate.mean, f"{metric}_low": estimate.low, f"{metric}_high": estimate.high}
+    return out
+
+
+def score_models(protocol: Protocol, tta: bool) -> list[dict]:
+    """Dice of every model with CP, C and P input on its stage's evaluation cases (the rows of Table 2)."""
     os.environ.update({k: v for k, v in nnunet_environment(protocol.out, protocol.device).items()
                        if k.startswith("nnUNet_")})
     rows: list[dict] = []
+    inputs: dict[str, tuple[EvaluationCases, dict[str, Path]]] = {}
     for model in tqdm(protocol.models, desc="Table 2 inference", unit="model"):
-        cases = validation_cases(protocol, model.stage)
-        folders = _link_inputs(protocol, model.stage, cases)
+        if model.stage not in inputs:
+            scored = stage_cases(protocol, model.stage)
+            inputs[model.stage] = scored, link_inputs(protocol.out / "evaluation" / _slug(model.stage), scored)
+        scored, folders = inputs[model.stage]
+        cases = list(scored.cases)
         variants = [(model.method, None)] + ([(DROP, "drop")] if model.method == "PEMMA" else [])
         for (method, missing), infer in ((v, i) for v in variants for i in INFER):
+            keys = {"method": method, "stage": model.stage, "train": model.train, "infer": infer,
+                    "scored_on": scored.kind}
             if missing == "drop" and infer == "CP":  # nothing is absent: the same network as PEMMA's CP
                 same = next(r for r in rows if (r["method"], r["stage"], r["train"], r["infer"])
                             == (model.method, model.stage, model.train, "CP"))
                 rows.append({**same, "method": method})
                 continue
-            slug = method.replace(" ", "_").replace("(", "").replace(")", "")
-            out = protocol.out / "evaluation" / _stage_slug(model.stage) / f"{slug}_{model.train}_{infer}"
+            out = (protocol.out / "evaluation" / _slug(model.stage)
+                   / f"{_slug(method)}_{_slug(model.train)}_{infer}")
             if not all((out / f"{c}.nii.gz").exists() for c in cases):
                 _predict(protocol, model, infer, folders[infer], out, cases, tta, missing)
-            result = evaluate_folders(out, folders["gt"], LABELS)
-            tumour, lymph = (result.mean[label]["dice"] for label in LABELS)
-            rows.append({"method": method, "stage": model.stage, "train": model.train, "infer": infer,
-                         "cases": len(cases), "Tumor": tumour, "Lymph": lymph,
-                         "Avg": float(np.nanmean([tumour, lymph])) if not np.isnan([tumour, lymph]).all() else np.nan,
-                         "DSCagg": result.aggregated_dice_mean})
+            rows.append(scored_row(out, folders["gt"], **keys))
     return rows
 
 
-def base_validation_dice(protocol: Protocol) -> dict[str, float] | None:
-    """The CT base's mean Dice per label on its own fold-0 validation cases, from nnU-Net's validation summary."""
-    summary = (protocol.model_folder(501, "UNETRTrainer", protocol.base_config) / "fold_0" / "validation"
-               / "summary.json")
-    if not summary.is_file():
-        return None
-    means = json.loads(summary.read_text())["mean"]
-    return {name: float(means[str(label)]["Dice"]) for name, label in LABELS.items() if str(label) in means}
+def score_base(protocol: Protocol, tta: bool) -> dict:
+    """The CT base with CT input on its own dataset's evaluation cases (the pre-training centres' labelled test
+    cases): the row the claim "the CT base learned both classes" is decided on."""
+    from nnunetv2_pemma.inference.predictor import build_predictor, run_predictor
+
+    os.environ.update({k: v for k, v in nnunet_environment(protocol.out, protocol.device).items()
+                       if k.startswith("nnUNet_")})
+    scored = evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(501))
+    root = protocol.out / "evaluation" / "ct_base"
+    folders = link_inputs(root, scored)
+    out = root / "ct_base_C"
+    cases = list(scored.cases)
+    if not all((out / f"{c}.nii.gz").exists() for c in cases):
+        out.mkdir(parents=True, exist_ok=True)
+        predictor = build_predictor(protocol.model_folder(501, "UNETRTrainer", protocol.base_config), [0], ["CT"],
+                                    device=protocol.device, tta=tta)
+        run_predictor(predictor, folders["C"], out, cases, 1)
+    return scored_row(out, folders["gt"], method="CT base", stage="Pre-training", train="C", infer="C",
+                      scored_on=scored.kind)
