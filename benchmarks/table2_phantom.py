@@ -7,8 +7,9 @@ claims decided on the seeds' labelled test cases pooled.
 Each seed is one resumable `pemma reproduce` run in OUT/seed_<k> (a new phantom drawn with that seed, every model
 trained anew), so a stopped benchmark resumes where it was. Writes each seed's Table 2 into its folder, and
 OUT/table2.md, .csv and .png (mean ± std over seeds, interval over the pooled cases), OUT/claims.txt (the pooled
-claims, then each seed's verdicts) and OUT/timings.json (wall time per seed). Budget: about 22 minutes a seed on 2 CPU cores with the demo presets (16 trainings, then 5
-minutes of Table 2 inference); `--preset paper --device cuda --gpus ...` on GPUs.
+claims, then each seed's verdicts) and OUT/timings.json (wall time per seed). Budget: about 22 minutes a seed on 2
+CPU cores with the demo presets (16 trainings, then 5 minutes of Table 2 inference); `--preset paper --device cuda
+--gpus ...` on GPUs.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def row(method: str, stage: str, train: str, infer: str, tumour: float, noise: f
 
 
 UPDATED = updated_on(NEW, "C")
+LEARNS = "PEMMA: the CT-only update on New dataset 1 learns the new centre (C Dice rises by more than 0.02)"
 # the paper's pattern: PEMMA close to early fusion, CP > C, PEMMA's update learns and keeps its PET; early fusion's
 # update learns CT and forgets PET
 GOOD_PEMMA = {(ADAPTATION, "CP", "CP"): 0.70, (ADAPTATION, "CP", "C"): 0.55, (ADAPTATION, "CP", "P"): 0.60,
@@ -81,10 +82,9 @@ def test_claims_on_the_papers_pattern() -> None:
      "PEMMA's CP tumour Dice within 0.05 of early fusion's at the adaptation stage", FAILS),
     ({"pemma": {(ADAPTATION, "CP", "P"): 0.10}},
      "PEMMA's P tumour Dice within 0.1 of early fusion's at the adaptation stage", FAILS),
-    ({"pemma": {(NEW, "C", "C"): 0.30}}, "PEMMA: the CT-only update on New dataset 1 learns the new centre "
-                                         "(C Dice rises)", FAILS),
-    ({"pemma": {(NEW, "C", "C"): 0.40}}, "PEMMA: the CT-only update on New dataset 1 learns the new centre "
-                                         "(C Dice rises)", INCONCLUSIVE),
+    ({"pemma": {(NEW, "C", "C"): 0.30}}, LEARNS, FAILS),
+    ({"pemma": {(NEW, "C", "C"): 0.41}}, LEARNS, FAILS),  # a rise of 0.01 is not learning
+    ({"pemma": {(NEW, "C", "C"): 0.42}, "noise": ("PEMMA", (NEW, "C", "C"), 4.0)}, LEARNS, INCONCLUSIVE),
     ({"pemma": {(ADAPTATION, UPDATED, "P"): 0.40}}, "PEMMA: the CT-only update on New dataset 1 forgets nothing "
                                                     "(after - before within 0.05)", FAILS),
     ({"pemma": {(NEW, "C", "P"): 0.40}}, "PEMMA: the CT-only update on New dataset 1 forgets nothing "

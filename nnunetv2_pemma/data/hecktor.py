@@ -7,10 +7,11 @@ Input layouts
   2021: one flat folder of <ID>_ct.nii.gz, <ID>_pt.nii.gz, <ID>_gtvt.nii.gz (GTVp = 1) with
         hecktor2021_bbox_*.csv (PatientID,x1,x2,y1,y2,z1,z2, physical mm) giving the head-and-neck box.
 
-Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr (uint8),
-imagesTs (and labelsTs, for labelled test cases) when present, never in a split; dataset.json (nnU-Net's own
-generator, plus a "pemma" block), pemma_crops.json (crop records, see `geometry`) and splits_final.json (centre-stratified folds, see `splits`); with `with_outcomes`
-(2022 only) also outcomes.json, the validated clinical and endpoint tables (see `outcomes`).
+Output `$nnUNet_raw/DatasetNNN_NAME/`: imagesTr/{case}_0000.nii.gz... in the order of `modalities`, labelsTr
+(uint8), imagesTs (and labelsTs, for labelled test cases) when present, never in a split; dataset.json (nnU-Net's
+own generator, plus a "pemma" block), pemma_crops.json (crop records, see `geometry`) and splits_final.json
+(centre-stratified folds, see `splits`); with `with_outcomes` (2022 only) also outcomes.json, the validated
+clinical and endpoint tables (see `outcomes`).
 
 The CT grid is the output grid: CT is written untouched (its pixel type, HU), only cut to the head-and-neck box.
 PET is resampled onto the (cropped) CT grid through physical coordinates (with `register="rigid"`, through the

@@ -72,11 +72,13 @@ def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_ca
                                       hecktor, phantom_cases, phantom_size, device, gpus, seed, cpu_jobs,
                                       test_cases)
     tta = load_preset(preset).schedule.test_time_mirroring
-    rows = score_models(protocol, tta)
+    workers = cpu_jobs if device == "cpu" else 1
+    rows = score_models(protocol, tta, workers)
+    base_row = score_base(protocol, tta, workers)
     from nnunetv2_pemma.evaluation.parameters import measure
 
     pemma_row = measure(preset)[-1]
-    return ReproduceResult(out, rows, score_base(protocol, tta), pemma_row["trainable_over_phi"], timings)
+    return ReproduceResult(out, rows, base_row, pemma_row["trainable_over_phi"], timings)
 
 
 def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwargs) -> str:

@@ -7,7 +7,10 @@ Predictions already on disk are kept, so a stopped scoring resumes.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,51 +97,91 @@ def interval_columns(per_case: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def score_models(protocol: Protocol, tta: bool) -> list[dict]:
-    """Dice of every model with CP, C and P input on its stage's evaluation cases (the rows of Table 2)."""
+@dataclass(frozen=True)
+class PredictionTask:
+    """One model's segmentations of one input setting (`infer`) of the cases in `inputs`, into `out`."""
+
+    model: Model
+    infer: str
+    inputs: Path
+    out: Path
+    cases: tuple[str, ...]
+    missing: str | None = None  # PEMMA's absent-modality mode override ("drop")
+
+
+def _run(protocol: Protocol, task: PredictionTask, tta: bool) -> None:
+    _predict(protocol, task.model, task.infer, task.inputs, task.out, list(task.cases), tta, task.missing)
+
+
+def _one_thread(environment: dict[str, str]) -> None:
+    import torch
+
+    os.environ.update(environment)
+    torch.set_num_threads(1)
+
+
+def run_predictions(protocol: Protocol, tasks: list[PredictionTask], tta: bool, workers: int = 1) -> None:
+    """Run the tasks whose predictions are not all on disk: in this process, or on CPU in `workers` processes
+    of one thread each (nnU-Net predicts a case at a time, on one core)."""
+    pending = [t for t in tasks if not all((t.out / f"{c}.nii.gz").exists() for c in t.cases)]
+    if workers <= 1 or protocol.device != "cpu" or len(pending) < 2:
+        for task in tqdm(pending, desc="Table 2 inference", unit="model"):
+            _run(protocol, task, tta)
+        return
+    environment = {k: v for k, v in os.environ.items() if k.startswith("nnUNet_")}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread,
+                             initargs=(environment,)) as pool:
+        futures = [pool.submit(_run, protocol, task, tta) for task in pending]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="Table 2 inference", unit="model"):
+            future.result()
+
+
+def score_models(protocol: Protocol, tta: bool, workers: int = 1) -> list[dict]:
+    """Dice of every model with CP, C and P input on its stage's evaluation cases (the rows of Table 2); the
+    predictions run in `workers` processes on CPU."""
     os.environ.update({k: v for k, v in nnunet_environment(protocol.out, protocol.device).items()
                        if k.startswith("nnUNet_")})
-    rows: list[dict] = []
     inputs: dict[str, tuple[EvaluationCases, dict[str, Path]]] = {}
-    for model in tqdm(protocol.models, desc="Table 2 inference", unit="model"):
+    cells: list[tuple[dict, PredictionTask | None]] = []  # row keys, and the prediction that scores them
+    for model in protocol.models:
         if model.stage not in inputs:
             scored = stage_cases(protocol, model.stage)
             inputs[model.stage] = scored, link_inputs(protocol.out / "evaluation" / _slug(model.stage), scored)
         scored, folders = inputs[model.stage]
-        cases = list(scored.cases)
         variants = [(model.method, None)] + ([(DROP, "drop")] if model.method == "PEMMA" else [])
         for (method, missing), infer in ((v, i) for v in variants for i in INFER):
             keys = {"method": method, "stage": model.stage, "train": model.train, "infer": infer,
                     "scored_on": scored.kind}
             if missing == "drop" and infer == "CP":  # nothing is absent: the same network as PEMMA's CP
-                same = next(r for r in rows if (r["method"], r["stage"], r["train"], r["infer"])
-                            == (model.method, model.stage, model.train, "CP"))
-                rows.append({**same, "method": method})
+                cells.append((keys, None))
                 continue
             out = (protocol.out / "evaluation" / _slug(model.stage)
                    / f"{_slug(method)}_{_slug(model.train)}_{infer}")
-            if not all((out / f"{c}.nii.gz").exists() for c in cases):
-                _predict(protocol, model, infer, folders[infer], out, cases, tta, missing)
-            rows.append(scored_row(out, folders["gt"], **keys))
+            cells.append((keys, PredictionTask(model, infer, folders[infer], out, scored.cases, missing)))
+    run_predictions(protocol, [task for _, task in cells if task is not None], tta, workers)
+    rows: list[dict] = []
+    for keys, task in cells:
+        if task is None:
+            same = next(r for r in rows if (r["method"], r["stage"], r["train"], r["infer"])
+                        == ("PEMMA", keys["stage"], keys["train"], "CP"))
+            rows.append({**same, "method": keys["method"]})
+        else:
+            rows.append(scored_row(task.out, inputs[keys["stage"]][1]["gt"], **keys))
     return rows
 
 
-def score_base(protocol: Protocol, tta: bool) -> dict:
+def score_base(protocol: Protocol, tta: bool, workers: int = 1) -> dict:
     """The CT base with CT input on its own dataset's evaluation cases (the pre-training centres' labelled test
     cases): the row the claim "the CT base learned both classes" is decided on."""
-    from nnunetv2_pemma.inference.predictor import build_predictor, run_predictor
-
     os.environ.update({k: v for k, v in nnunet_environment(protocol.out, protocol.device).items()
                        if k.startswith("nnUNet_")})
     scored = evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(501))
     root = protocol.out / "evaluation" / "ct_base"
     folders = link_inputs(root, scored)
-    out = root / "ct_base_C"
-    cases = list(scored.cases)
-    if not all((out / f"{c}.nii.gz").exists() for c in cases):
-        out.mkdir(parents=True, exist_ok=True)
-        predictor = build_predictor(protocol.model_folder(501, "UNETRTrainer", protocol.base_config), [0], ["CT"],
-                                    device=protocol.device, tta=tta)
-        run_predictor(predictor, folders["C"], out, cases, 1)
-    return scored_row(out, folders["gt"], method="CT base", stage="Pre-training", train="C", infer="C",
-                      scored_on=scored.kind)
+    base = Model("CT base", "Pre-training", "C", 501, "UNETRTrainer", protocol.base_config)
+    # the base's cases split in halves, one per worker
+    halves = [scored.cases[k::max(workers, 1)] for k in range(max(workers, 1))]
+    tasks = [PredictionTask(base, "C", folders["C"], root / "ct_base_C", half) for half in halves if half]
+    run_predictions(protocol, tasks, tta, workers)
+    return scored_row(root / "ct_base_C", folders["gt"], method="CT base", stage="Pre-training", train="C",
+                      infer="C", scored_on=scored.kind)

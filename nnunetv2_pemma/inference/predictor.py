@@ -32,8 +32,7 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
 
     missing_modality: override how a PEMMA network fills an absent modality ("zero" or "drop").
     """
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
+    from nnunetv2_pemma.inference.cpu_patches import CPUFriendlyPredictor
     from nnunetv2_pemma.inference.slice_stack_predictor import SliceStackPredictor
 
     checkpoints = [Path(model_folder) / f"fold_{f}" / checkpoint_name for f in folds]
@@ -43,7 +42,7 @@ def build_predictor(model_folder: Path, folds: Sequence[int | str], modalities: 
     options = dict(use_mirroring=tta, device=torch.device(device), verbose=False, verbose_preprocessing=False,
                    allow_tqdm=True)
     slices = _neighbour_slices(Path(model_folder))
-    predictor = nnUNetPredictor(**options) if slices is None else SliceStackPredictor(slices=slices, **options)
+    predictor = CPUFriendlyPredictor(**options) if slices is None else SliceStackPredictor(slices=slices, **options)
     predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name)
     records = [torch.load(path, map_location="cpu", weights_only=False, mmap=True)["init_args"] for path in checkpoints]
     for path, init_args, weights in zip(checkpoints, records, predictor.list_of_parameters):
