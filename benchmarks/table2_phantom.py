@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--gpus", nargs="+", default=None)
     parser.add_argument("--cases-per-center", type=int, default=30)
     parser.add_argument("--labelled-test-cases-per-center", type=int, default=20)
+    parser.add_argument("--adapter-methods", nargs="*", default=[], help="extra PEMMA rows, as pemma reproduce's")
     parser.add_argument("--scope", choices=("full", "demo"), default="full",
                         help="demo: `pemma demo` once per seed, its claims with the demo's tolerances")
     args = parser.parse_args()
@@ -45,7 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         result = run_protocol(out / f"seed_{seed}", args.preset, phantom_cases=args.cases_per_center,
                               device=args.device, gpus=args.gpus, scope=args.scope, seed=seed,
-                              test_cases=args.labelled_test_cases_per_center)
+                              test_cases=args.labelled_test_cases_per_center, adapter_methods=args.adapter_methods)
         wall[f"seed_{seed}"] = round(time.perf_counter() - start, 1)
         write_table2(result.rows, result.out, title=f"Table 2 on the phantom, seed {seed}")
         runs.append(result.rows)

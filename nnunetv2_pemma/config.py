@@ -64,6 +64,9 @@ class Adaptation:
     moa_routing: str = "center"  # moa: which expert a sample uses: "center", "modality" (C/P/CP) or "gate"
     moa_experts: tuple[str, ...] = ()  # moa "center": the experts' centres (the trainers fill them from the data)
     moa_gate_experts: int = 3  # moa "gate": how many experts the learned top-1 gate chooses from
+    # continual updates also train a LoRA (lora_rank, lora_alpha) on the CT input skip's convolutions: what a new
+    # centre's CT needs when it differs at the voxel level (contrast, README "Updates that learn a new centre")
+    input_skip_adapter: bool = False
 
     @classmethod
     def parse(cls, section: Any) -> "Adaptation":
@@ -78,6 +81,8 @@ class Adaptation:
         if not isinstance(kwargs["lora_rank"], int) or kwargs["lora_rank"] < 1:
             raise ValueError(f"lora_rank must be a positive integer, got {kwargs['lora_rank']!r}")
         _check_method_options(kwargs)
+        if not isinstance(kwargs.get("input_skip_adapter", False), bool):
+            raise ValueError(f"input_skip_adapter must be true or false, got {kwargs['input_skip_adapter']!r}")
         probs = kwargs["modality_dropout"]
         if probs is not None:
             if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):

@@ -92,7 +92,8 @@ def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("workflow")
     env = nnunet_environment(root)
     data = root / "hecktor"
-    run_ok(["pemma", "phantom", str(data), "--cases-per-center", "5", "--seed", "3"], env)
+    run_ok(["pemma", "phantom", str(data), "--cases-per-center", "5", "--labelled-test-cases-per-center", "2",
+            "--seed", "3"], env)
 
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "501", "--name", "HNC_CT",
             "--centers", "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)

@@ -3,12 +3,14 @@ subprocesses, GPU and CPU slots), resuming, and Table 2's files."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.experiments.protocol import Protocol
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_jobs
@@ -164,3 +166,11 @@ def test_prognosis_protocol_chains_each_method_from_the_shared_ct_base(tmp_path:
     assert counts[("PEMMA (LoRA)", "CPT")] == 12 * 2 * 4 * (48 + 48) + (18 + 1 + 1) * 48
     assert counts[("PEMMA (DoRA)", "CP")] > counts[("PEMMA (LoRA)", "CP")]  # DoRA adds the magnitudes
     assert counts[("Early fusion", "CPT")] == counts[("Early fusion", "CP")] + 18
+
+
+def test_negative_seed_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = run_cli(["pemma", "reproduce", "--phantom", "--scope", "demo", "--seed", "-1", "--out",
+                    str(tmp_path / "run")], dict(os.environ))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("--seed must be a non-negative integer, got -1")
+    assert not (tmp_path / "run").exists()

@@ -31,6 +31,21 @@ def test_training_uses_centre_stratified_splits(workflow: dict) -> None:
     assert validated == sorted(splits[0]["val"])
 
 
+def test_labelled_test_cases_are_in_no_split_and_not_preprocessed(workflow: dict) -> None:
+    env = workflow["env"]
+    for dataset, centres in (("Dataset501_HNC_CT", ("CHUM", "CHUP", "CHUS", "CHUV")),
+                             ("Dataset502_HNC_CTPET_MDA", ("MDA",)), ("Dataset503_HNC_CT_HGJ", ("HGJ",))):
+        raw, preprocessed = Path(env["nnUNet_raw"]) / dataset, Path(env["nnUNet_preprocessed"]) / dataset
+        test = {p.name[:-len(".nii.gz")] for p in (raw / "labelsTs").glob("*.nii.gz")}
+        assert test == {f"{c}-{i}" for c in centres for i in (401, 402)}, dataset
+        assert {p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTs").glob("*_0000.nii.gz")} == test
+        for fold in json.loads((preprocessed / "splits_final.json").read_text()):
+            assert not test & set(fold["train"] + fold["val"]), dataset
+        stored = {p.name.split(".")[0] for p in preprocessed.rglob("*") if p.is_file()}
+        assert not test & stored, f"{dataset}: test cases were preprocessed"
+        assert json.loads((raw / "dataset.json").read_text())["numTraining"] == 5 * len(centres)
+
+
 def test_plans_name_the_network_the_trainers_build(workflow: dict) -> None:
     """The PEMMA configuration's nnU-Net architecture entry is MONAI's UNETR with the preset's arguments, not the
     PlainConvUNet it would otherwise inherit from 3d_fullres."""

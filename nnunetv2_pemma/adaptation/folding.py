@@ -1,6 +1,7 @@
-"""Fold LoRA / DoRA into the fused ``qkv`` weights for inference.
+"""Fold LoRA / DoRA into the fused ``qkv`` weights, and conv LoRA into its convolution's kernel, for inference.
 
-After :func:`fold_adapters` every attention layer is a plain ``nn.Linear`` again: the low-rank branches cost nothing
+After :func:`fold_adapters` every attention layer is a plain ``nn.Linear`` again, and every wrapped convolution a
+plain convolution: the low-rank branches cost nothing
 at inference, and the network computes what it did before (within float rounding). (Putting an adapter file onto
 a base checkpoint is another thing: :func:`nnunetv2_pemma.adaptation.files.apply_adapter`.)
 """
@@ -12,6 +13,7 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
+from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 
 __all__ = ["fold_adapters"]
@@ -22,7 +24,8 @@ M = TypeVar("M", bound=nn.Module)
 @torch.no_grad()
 def fold_adapters(net: M) -> M:
     """Replace every :class:`LoRAQKVLinear` (LoRA or DoRA) in ``net`` by a plain ``nn.Linear`` whose weight
-    is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight).
+    is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight), and every conv LoRA layer by
+    its plain convolution (``plain()``).
 
     The base parameters keep their state-dict names (``...attn.qkv.weight``, ``...attn.qkv.bias``); the
     ``lora_*`` tensors are gone, so the merged network no longer loads adapter files or trains its adapters:
@@ -32,6 +35,11 @@ def fold_adapters(net: M) -> M:
     Returns:
         ``net`` itself (modified in place), for chaining.
     """
+    for name, conv in [(n, m) for n, m in net.named_modules() if isinstance(m, (LoRAConv2d, LoRAConv3d))]:
+        if not name:
+            raise TypeError("cannot merge a conv LoRA layer in place of itself: use its plain()")
+        parent_name, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, conv.plain())
     targets = [(name, m) for name, m in net.named_modules() if isinstance(m, LoRAQKVLinear)]
     if any(not name for name, _ in targets):
         raise TypeError("cannot merge a LoRA layer in place of itself: use nn.Linear with its merged_weight()")

@@ -131,7 +131,9 @@ class LoRAQKVLinear(nn.Linear):
 
 
 def set_adapters_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every LoRA / DoRA qkv layer in ``module`` on or off (off: exactly the base network)."""
+    """Switch every LoRA / DoRA qkv layer and conv LoRA layer in ``module`` on or off (off: exactly the base)."""
+    from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d
+
     for m in module.modules():
-        if isinstance(m, LoRAQKVLinear):
+        if isinstance(m, (LoRAQKVLinear, LoRAConv2d, LoRAConv3d)):
             m.enabled = enabled

@@ -99,6 +99,11 @@ MOA = register(AdapterMethod("moa", prefixes=("moa_",), trains={s: ("moa_",) for
 trains is the trainer's choice (the new centre's), see ``trainers/adaptation/mixture.py``."""
 
 
+INPUT_SKIP = register(AdapterMethod("input_skip", prefixes=("conv_lora_",), trains={"continual": ("conv_lora_",)}))
+"""Conv LoRA on the CT input skip's convolutions (``adaptation.input_skip_adapter``), trained in continual updates
+only: the adaptation to PET leaves the CT path as the base had it."""
+
+
 def qkv_methods() -> tuple[str, ...]:
     """Names of the registered methods that adapt attention (valid values of a preset's ``adaptation.method``)."""
     return tuple(name for name, m in REGISTRY.items() if m.wrap_qkv is not None)

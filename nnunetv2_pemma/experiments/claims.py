@@ -101,12 +101,12 @@ def update_learns(rows: Sequence[dict], stage: str, method: str, tol: Tolerances
 
 
 def no_forgetting(rows: Sequence[dict], stage: str, method: str, tol: Tolerances) -> Claim:
-    """The CT-only update keeps what the model could do: CP and P on the new centre, and CP and P on the adaptation
-    centre, each within `forgetting` of the adaptation-stage model's Dice."""
+    """The CT-only update keeps what the model could do: CP and P on the new centre, and CP, C and P on the
+    adaptation centre, each within `forgetting` of the adaptation-stage model's Dice."""
     parts = []
     for infer in ("CP", "P"):
         parts.append((f"{stage} {infer}", compare(rows, (method, stage, "C", infer), (method, stage, BEFORE, infer))))
-    for infer in ("CP", "P"):
+    for infer in ("CP", "C", "P"):
         parts.append((f"{ADAPTATION} {infer}", compare(rows, (method, ADAPTATION, updated_on(stage, "C"), infer),
                                                        (method, ADAPTATION, "CP", infer))))
     parts = [(label, d) for label, d in parts if d.n]
@@ -119,7 +119,7 @@ def parameter_claim(trainable_fraction: float | None) -> Claim:
     return Claim("PEMMA's trainable parameters in the adaptation stage", MEASURED, detail)
 
 
-UPDATE_METHODS = ("PEMMA", "Early fusion")
+UPDATE_METHODS = ("PEMMA", "PEMMA-input-skip", "Early fusion")
 
 
 def check_claims(rows: Sequence[dict], tol: Tolerances, base_row: dict | None = None,

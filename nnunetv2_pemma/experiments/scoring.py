@@ -30,6 +30,15 @@ def _slug(text: str) -> str:
     return text.lower().replace(" ", "_").replace("(", "").replace(")", "")
 
 
+def _model_slug(model: Model, missing: str | None) -> str:
+    """A prediction folder's name: the model itself (trainer, dataset, configuration; late fusion's PET model),
+    so that two rows of one model (PEMMA-input-skip's adaptation stage is PEMMA's) share its predictions."""
+    parts = [model.trainer, str(model.dataset), model.config]
+    if model.pet_dataset is not None:
+        parts += ["pet", str(model.pet_dataset), str(model.pet_config)]
+    return "_".join(parts + ([missing] if missing else []))
+
+
 def stage_cases(protocol: Protocol, stage: str) -> EvaluationCases:
     """The cases a stage's models are scored on, from the stage's CT+PET raw dataset."""
     return evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(protocol.evaluation_dataset(stage)))
@@ -155,10 +164,10 @@ def score_models(protocol: Protocol, tta: bool, workers: int = 1) -> list[dict]:
             if missing == "drop" and infer == "CP":  # nothing is absent: the same network as PEMMA's CP
                 cells.append((keys, None))
                 continue
-            out = (protocol.out / "evaluation" / _slug(model.stage)
-                   / f"{_slug(method)}_{_slug(model.train)}_{infer}")
+            out = protocol.out / "evaluation" / _slug(model.stage) / f"{_model_slug(model, missing)}_{infer}"
             cells.append((keys, PredictionTask(model, infer, folders[infer], out, scored.cases, missing)))
-    run_predictions(protocol, [task for _, task in cells if task is not None], tta, workers)
+    tasks = {task.out: task for _, task in cells if task is not None}  # rows of one model share its predictions
+    run_predictions(protocol, list(tasks.values()), tta, workers)
     rows: list[dict] = []
     for keys, task in cells:
         if task is None:

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 
 INFER: dict[str, tuple[str, ...]] = {"CP": ("CT", "PET"), "C": ("CT",), "P": ("PET",)}
-METHODS = ("Late fusion", "Early fusion", "PEMMA", "PEMMA (drop)", "PEMMA-DoRA", "PEMMA-priors", "PEMMA-MoA")
+METHODS = ("Late fusion", "Early fusion", "PEMMA", "PEMMA (drop)", "PEMMA-input-skip", "PEMMA-DoRA", "PEMMA-priors",
+           "PEMMA-MoA")
 METRICS = ("Tumor", "Lymph", "Avg")
 ADAPTATION = "Multimodal adaptation"
 BEFORE = "before"  # train value of rows that score the adaptation-stage model on a new centre, before its update

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
-from nnunetv2_pemma.adaptation.methods import MODALITY_SLOTS, AdapterMethod, get_method, is_added
+from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d, wrap_conv
+from nnunetv2_pemma.adaptation.methods import INPUT_SKIP, MODALITY_SLOTS, AdapterMethod, get_method, is_added
 from nnunetv2_pemma.adaptation.mixture import moa_layers, routing_weights
 from nnunetv2_pemma.config import MODALITIES, Adaptation
 from nnunetv2_pemma.networks.mismatch import IncompatibleBaseError, base_mismatches
@@ -83,10 +84,21 @@ class ModalitySlots(nn.Module):
             parent.qkv = method.wrap_qkv(parent.qkv, adaptation)
         if method.name == "prior":
             self.prior_context = self.context_priors(adaptation)
+        if adaptation.input_skip_adapter:
+            self._wrap_input_skip(adaptation)
         self.adaptation = adaptation
         self.input_modalities = check_modalities(input_modalities)
         self.centers: Sequence[str | None] | str | None = None
         self.present: torch.Tensor | None = None  # (B, 2) bool of the running forward: CT, PET held
+
+    def _wrap_input_skip(self, adaptation: Adaptation) -> None:
+        """Conv LoRA around every convolution of the CT input skip (``encoder1``; PET's keeps its own weights)."""
+        for name, module in list(self.encoder1.named_modules()):
+            if type(module) in (nn.Conv2d, nn.Conv3d):  # noqa: E721 - plain convolutions only
+                parent_name, _, child = name.rpartition(".")
+                parent = self.encoder1.get_submodule(parent_name) if parent_name else self.encoder1
+                setattr(parent, child, wrap_conv(module, adaptation.lora_rank, adaptation.lora_alpha))
+        self.adapter_methods += (INPUT_SKIP,)
 
     # --- what a backbone implements (each PEMMA backbone overrides all of these) ----------------------------------------------------------------------------
     def attention_layers(self) -> list[nn.Module]:
@@ -204,10 +216,10 @@ class ModalitySlots(nn.Module):
         return next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("monai."))
 
     def reset_adapters(self) -> None:
-        """Re-initialise every qkv adapter against the newly loaded base: LoRA B = 0 and, for DoRA, magnitudes at
+        """Re-initialise every adapter against the newly loaded base: LoRA B = 0 and, for DoRA, magnitudes at
         the base rows' norms (those set at construction were the norms of the random weights now replaced)."""
         for m in self.modules():
-            if isinstance(m, LoRAQKVLinear):
+            if isinstance(m, (LoRAQKVLinear, LoRAConv2d, LoRAConv3d)):
                 m.reset_lora_parameters()
 
     @torch.no_grad()
@@ -221,7 +233,7 @@ class ModalitySlots(nn.Module):
         ct_embedding, pet_embedding = self.patch_embeddings()
         if self.adaptation.pet_init == "cross":
             pet_embedding.load_state_dict(ct_embedding.state_dict())
-            self.pet_encoder1.load_state_dict(self.encoder1.state_dict())
+            self.pet_encoder1.load_state_dict({k: v for k, v in self.encoder1.state_dict().items() if not is_added(k)})
         elif self.adaptation.pet_init == "zero":
             self.zero_pet_patch_embedding()
             layer = self.pet_encoder1.layer

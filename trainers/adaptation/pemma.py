@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from nnunetv2_pemma.adaptation.files import ADAPTER_FILE, save_adapter
-from nnunetv2_pemma.adaptation.methods import Stage, train_only
+from nnunetv2_pemma.adaptation.methods import Stage, added_by, train_only
 from nnunetv2_pemma.adaptation.provenance import BASE_FILE_KEY, FINGERPRINT_KEY, PEMMA_BASE_KEY, base_fingerprint
 from nnunetv2_pemma.config import Adaptation, PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
@@ -59,26 +59,50 @@ class PEMMATrainer(AdaptingTrainer):
 
 
 class PEMMAContinualTrainer(PEMMATrainer):
-    """Updates a PEMMA model on a dataset with both or only one modality: only the LoRA matrices train.
+    """Updates a PEMMA model on a dataset with both or only one modality: only the LoRA matrices train (with the
+    preset's `adaptation.input_skip_adapter`, also a conv LoRA on the CT input skip, added on the first update).
 
     Start it with `-pretrained_weights <PEMMATrainer checkpoint_final.pth>`; a missing modality is zero. Its
     checkpoint and adapter record the CT base that checkpoint records: the base stays frozen throughout.
     """
 
     stage: Stage = "continual"
+    _loaded_input_skip_adapter = False  # whether the -pretrained_weights model holds the input-skip adapter
 
     def expected_checkpoint(self, path: str) -> str:
         return "pemma"
 
+    def network_to_load(self, expect: str) -> nn.Module | None:
+        """A model without the input-skip adapter this update adds: load it as it is, add the adapter in `convert`."""
+        if not self.pemma.adaptation.input_skip_adapter or self._loaded_input_skip_adapter:
+            return None
+        without = dataclasses.replace(self.pemma.adaptation, input_skip_adapter=False)
+        return build_pemma_network(dataclasses.replace(self.pemma, adaptation=without),
+                                   self.label_manager.num_segmentation_heads, self.configuration_manager.patch_size)
+
+    def convert(self, loaded: nn.Module) -> nn.Module:
+        """The loaded model with a fresh input-skip adapter (B = 0: it starts as the loaded model)."""
+        adapted = self._adapted_network()
+        missing, unexpected = adapted.load_state_dict(loaded.state_dict(), strict=False)
+        assert not unexpected and all(added_by(k) == "conv_lora_" for k in missing), (missing, unexpected)
+        return adapted
+
     def _with_method_options_of(self, block: PemmaBlock, theirs: dict[str, Any] | None) -> PemmaBlock:
+        """`block` with the network-shaping options of the model whose block is `theirs` (an input-skip adapter
+        it holds stays, whatever this dataset's preset says)."""
         if theirs is None:
             return block
-        adaptation = block.adaptation.with_method_options(Adaptation.parse(theirs["adaptation"]))
+        their_adaptation = Adaptation.parse(theirs["adaptation"])
+        adaptation = block.adaptation.with_method_options(their_adaptation)
+        if their_adaptation.input_skip_adapter:
+            adaptation = dataclasses.replace(adaptation, input_skip_adapter=True)
         return dataclasses.replace(block, adaptation=adaptation)
 
     def inherit(self, theirs: dict[str, Any]) -> PemmaBlock:
         """Also the method options of the model it updates (prior tokens, the mixture's routing and experts),
-        whatever this dataset's plans say: they shape the network its weights fit."""
+        whatever this dataset's plans say: they shape the network its weights fit. An input-skip adapter the
+        model holds is kept (and trained) even if this dataset's preset does not ask for one."""
+        self._loaded_input_skip_adapter = bool(theirs["adaptation"].get("input_skip_adapter", False))
         return self._with_method_options_of(super().inherit(theirs), theirs)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
