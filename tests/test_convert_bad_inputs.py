@@ -170,8 +170,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], None], list[str]]] = {
                                            "labelsTr/CHUS_001.nii.gz"]),
     "duplicate image": (_duplicate_image, ["2 CT files map to this case id", "imagesTr/CHUS_001__CT.nii.gz"]),
     "CT without body": (_ct_without_body, ["CT file imagesTr/CHUS-001__CT.nii.gz: no body in the CT"]),
-    "test case with a label": (lambda r: write_case_2022(r, BAD, test=True),
-                               ["has files in imagesTs/ and in imagesTr/ or labelsTr/"]),
+    "case among test and training cases": (lambda r: write_case_2022(r, BAD, test=True),
+                                           ["has files among the test cases (imagesTs/, labelsTs/) and among the "
+                                            "training cases (imagesTr/, labelsTr/)"]),
     "label value 1.0000001": (_label_value_almost_1,
                               ["label file labelsTr/CHUS-001.nii.gz has values {1.0000001} outside {0, 1, 2}"]),
     # SimpleITK reads the missing half as zeros without an error

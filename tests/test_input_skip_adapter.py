@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import CONFIG, checkpoint_of, nnunet_environment, run_ok, weights
 from networks_helpers import Tiny, perturb
 from nnunetv2_pemma.adaptation.conv_layers import LoRAConv3d
 from nnunetv2_pemma.adaptation.folding import fold_adapters
@@ -72,3 +75,42 @@ def test_preset_option_is_checked() -> None:
     assert Adaptation.parse(section).input_skip_adapter is False
     with pytest.raises(ValueError, match="input_skip_adapter must be true or false"):
         Adaptation.parse({**section, "input_skip_adapter": "yes"})
+
+
+DATASET = "Dataset503_HNC_CT_HGJ"
+
+
+@pytest.mark.slow
+def test_input_skip_update_through_nnunet(workflow: dict, tmp_path: Path) -> None:
+    """PEMMAContinualTrainer_inputSkip on the shared workflow's PEMMA model (HGJ, CT only), in private nnU-Net
+    folders: the base and the PET modules stay bit-identical, LoRA and the new input-skip adapter train, the adapter
+    file carries it, a later plain continual update keeps it, and `pemma predict` runs the model with CT alone."""
+    env = nnunet_environment(tmp_path)
+    for folder in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(Path(workflow["env"][folder]) / DATASET, Path(env[folder]) / DATASET)
+    run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "PEMMAContinualTrainer_inputSkip", "-device", "cpu",
+            "-pretrained_weights", str(workflow["adapted"])], env)
+    first = checkpoint_of(env, DATASET, "PEMMAContinualTrainer_inputSkip")
+    adapted, updated = weights(workflow["adapted"]), weights(first)
+    added = set(updated) - set(adapted)
+    assert added and {added_by(k) for k in added} == {"conv_lora_"}
+    assert all(k.startswith("encoder1.") for k in added)
+    assert any(updated[k].abs().sum() > 0 for k in added if k.endswith("conv_lora_B")), "the adapter did not train"
+    changed = {added_by(k) for k in adapted if not torch.equal(adapted[k], updated[k])}
+    assert changed == {"lora_"}, changed  # base and PET modules untouched
+    from safetensors.torch import load_file
+
+    assert added <= set(load_file(str(first.parent / "adapter_final.safetensors")))
+    # a later update with the plain continual trainer keeps (and trains) the adapter
+    run_ok(["nnUNetv2_train", "503", CONFIG, "1", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
+            "-pretrained_weights", str(first)], env)
+    second = weights(first.parent.parent.parent / f"PEMMAContinualTrainer__nnUNetPlans__{CONFIG}" / "fold_1"
+                     / "checkpoint_final.pth")
+    assert added <= set(second) and any(not torch.equal(second[k], updated[k]) for k in added)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    case = sorted((Path(env["nnUNet_raw"]) / DATASET / "imagesTs").glob("*_0000.nii.gz"))[0]
+    shutil.copy(case, inputs / case.name)
+    run_ok(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "503", "-c", CONFIG,
+            "-tr", "PEMMAContinualTrainer_inputSkip", "-f", "0", "-device", "cpu", "--modalities", "CT"], env)
+    assert (tmp_path / "out" / case.name.replace("_0000", "")).is_file()

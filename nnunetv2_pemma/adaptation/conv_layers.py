@@ -30,7 +30,16 @@ class _LoRAConv:
     kernel_size: tuple[int, ...]
     _conv = staticmethod(F.conv3d)
 
-    def _setup(self, base: nn.Module, rank: int, alpha: float) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        """
+        Args:
+            base: the plain convolution to wrap (of this class's convolution type); its parameters are shared.
+            rank: rank r of the update.
+            alpha: LoRA alpha; the update is scaled by ``alpha / rank``.
+        """
+        # meta device: skip allocating weights that are replaced by the base's right away
+        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                         base.dilation, base.groups, base.bias is not None, base.padding_mode, device="meta")
         if base.groups != 1 or base.padding_mode != "zeros" or any(d != 1 for d in base.dilation):
             raise ValueError(f"LoRA wraps convolutions with groups=1, no dilation and zero padding, got "
                              f"groups={base.groups}, dilation={base.dilation}, padding_mode={base.padding_mode!r}")
@@ -81,21 +90,15 @@ class _LoRAConv:
 
 
 class LoRAConv2d(_LoRAConv, nn.Conv2d):
-    _conv = staticmethod(F.conv2d)
+    """LoRA around an ``nn.Conv2d``."""
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float) -> None:
-        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
-                         base.dilation, base.groups, base.bias is not None, base.padding_mode, device="meta")
-        self._setup(base, rank, alpha)
+    _conv = staticmethod(F.conv2d)
 
 
 class LoRAConv3d(_LoRAConv, nn.Conv3d):
-    _conv = staticmethod(F.conv3d)
+    """LoRA around an ``nn.Conv3d``."""
 
-    def __init__(self, base: nn.Conv3d, rank: int, alpha: float) -> None:
-        super().__init__(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
-                         base.dilation, base.groups, base.bias is not None, base.padding_mode, device="meta")
-        self._setup(base, rank, alpha)
+    _conv = staticmethod(F.conv3d)
 
 
 def wrap_conv(base: nn.Module, rank: int, alpha: float) -> nn.Module:
