@@ -476,7 +476,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_demo, _add_env, _add_reproduce, _add_compare, _add_phantom, _add_convert, _add_check_alignment, _add_plans, _add_predict,
+    _add_demo, _add_env, _add_reproduce, _add_compare, _add_phantom, _add_convert, _add_check_alignment, _add_plans,
+    _add_predict,
     _add_predict_risk, _add_predict_late_fusion, _add_apply_adapter, _add_evaluate, _add_evaluate_survival,
     _add_parameters)
 

@@ -18,9 +18,9 @@ from scipy import ndimage
 from nnunetv2_pemma.data.centers import LABELS_2022, TEST_CENTERS_2022, TRAINING_CENTERS_2022
 from nnunetv2_pemma.data.centre_statistics import centre_statistics
 from nnunetv2_pemma.data.phantom import (BODY, CENTER_EFFECTS, CLINICAL_COLUMNS, CLINICAL_CSV, ENDPOINT_COLUMNS,
-                                         ENDPOINT_CSV, GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE, NODE_HU_ABOVE_MUSCLE,
-                                         RISK_HPV_POSITIVE, RISK_LOG_SUV, RISK_LOG_VOLUME, RISK_PER_NODE,
-                                         RISK_PER_YEAR_OVER_60, SIZES, SOFT, PhantomSummary, _case_rngs,
+                                         ENDPOINT_CSV, GTVP_HU_ABOVE_MUSCLE, GTVP_SUV, MIMIC_SUV, MUSCLE,
+                                         NODE_HU_ABOVE_MUSCLE, RISK_HPV_POSITIVE, RISK_LOG_SUV, RISK_LOG_VOLUME,
+                                         RISK_PER_NODE, RISK_PER_YEAR_OVER_60, SIZES, SOFT, PhantomSummary, _case_rngs,
                                          _patient_record, _render, case_model, write_phantom)
 from nnunetv2_pemma.errors import InputDataError
 

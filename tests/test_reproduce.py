@@ -121,7 +121,8 @@ def test_table2_files(tmp_path: Path) -> None:
     for m in METHODS:
         for s, t in reversed(columns):
             for i in INFER:
-                per_case = {f"HGJ-{k:03d}": {"Tumor": rng.random(), "Lymph": rng.random(), "Avg": 0.5} for k in range(5)}
+                per_case = {f"HGJ-{k:03d}": {"Tumor": rng.random(), "Lymph": rng.random(), "Avg": 0.5}
+                            for k in range(5)}
                 rows.append({"method": m, "stage": s, "train": t, "infer": i, "scored_on": "labelled test cases",
                              "cases": 5, **interval_columns(per_case), "DSCagg": 0.5, "per_case": per_case})
     assert columns_of(rows) == columns, "adaptation first (its own models, then the updated ones), before, C"

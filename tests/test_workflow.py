@@ -221,8 +221,8 @@ def test_pemma_predict_any_modality_subset(workflow: dict, tmp_path: Path, modal
     inputs = _inputs(images, case, channels, tmp_path / "in")
     for dataset, trainer in (("502", "PEMMATrainer"), ("503", "PEMMAContinualTrainer")):
         out = tmp_path / f"out_{dataset}"
-        run_ok(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(out), "-d", dataset, "-c", CONFIG, "-tr", trainer,
-                "-f", "0", "-device", "cpu", "--disable_tta", "--modalities", *modalities], env)
+        run_ok(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(out), "-d", dataset, "-c", CONFIG,
+                "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "--modalities", *modalities], env)
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
         ct = sitk.GetArrayFromImage(sitk.ReadImage(str(images / f"{case}_0000.nii.gz")))
         assert pred.shape == ct.shape and set(np.unique(pred)) <= {0, 1, 2}
@@ -233,8 +233,8 @@ def test_pemma_predict_rejects_unknown_modality_for_ct_model(workflow: dict, tmp
     images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
     inputs = _inputs(images, case, [1], tmp_path / "in")
-    proc = run_cli(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "501", "-c", CONFIG,
-                    "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--modalities", "PET"], env)
+    proc = run_cli(["pemma", "predict", "-np", "0", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "501",
+                    "-c", CONFIG, "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--modalities", "PET"], env)
     assert proc.returncode == 2
     assert "this model knows ['CT']" in proc.stderr
 

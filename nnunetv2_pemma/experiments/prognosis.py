@@ -111,7 +111,8 @@ class PrognosisProtocol:
         plan = self._add(Job(f"plan and preprocess {CT_DATASET}",
                              ["nnUNetv2_plan_and_preprocess", "-d", str(CT_DATASET), "-c", "3d_fullres",
                               "--verify_dataset_integrity", "-np", "1"],
-                             self.out / "nnUNet_preprocessed" / self.dataset_name(CT_DATASET) / "nnUNetPlans_3d_fullres",
+                             self.out / "nnUNet_preprocessed" / self.dataset_name(CT_DATASET)
+                             / "nnUNetPlans_3d_fullres",
                              [converted[CT_DATASET]]))
         add_base = self._add(Job(f"plans add {CT_DATASET} base", ["pemma", "plans", "add", str(CT_DATASET),
                                                                   "--preset", self.base_preset],
@@ -186,7 +187,8 @@ def score(protocol: PrognosisProtocol, n_resamples: int = 1000) -> list[dict]:
             done[key] = evaluate_survival(risks, outcomes, folder, n_resamples=n_resamples)
         report = done[key]
         rows.append({"method": model.method, "inputs": model.inputs, "trainer": model.trainer,
-                     "scored_on": protocol.scored_cases().kind, "c_index": report.c_index, "ci_low": report.c_index_ci95[0], "ci_high": report.c_index_ci95[1],
+                     "scored_on": protocol.scored_cases().kind, "c_index": report.c_index,
+                     "ci_low": report.c_index_ci95[0], "ci_high": report.c_index_ci95[1],
                      "logrank_p": report.logrank_p, "cases": report.n_cases, "events": report.n_events,
                      "trainable": trainable_parameters(protocol.preset, model),
                      "paper": PAPER.get(model.method, {}).get(model.inputs)})

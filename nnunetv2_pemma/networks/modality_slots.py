@@ -100,7 +100,7 @@ class ModalitySlots(nn.Module):
                 setattr(parent, child, wrap_conv(module, adaptation.lora_rank, adaptation.lora_alpha))
         self.adapter_methods += (INPUT_SKIP,)
 
-    # --- what a backbone implements (each PEMMA backbone overrides all of these) ----------------------------------------------------------------------------
+    # --- what a backbone implements (each PEMMA backbone overrides all of these) --------------------------------------
     def attention_layers(self) -> list[nn.Module]:
         """The attention modules whose fused ``qkv`` layer the qkv method wraps."""
         raise NotImplementedError

@@ -7,7 +7,8 @@ mode). `pemma demo`, `reproduce` and `compare` set it from their `--seed`.
 
 What this covers: nnU-Net's in-process data loading (`nnUNet_n_proc_DA=0`, what the CPU runs use). With augmentation
 workers, nnU-Net's NonDetMultiThreadedAugmenter hands batches over in whatever order the workers finish, so the
-initial weights are seeded but the batch order is not.
+initial weights are seeded but the batch order is not. Checked with one thread per CPU training (PEMMA_CPU_THREADS=1,
+what `pemma reproduce` sets on CPU).
 """
 
 from __future__ import annotations
