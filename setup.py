@@ -10,5 +10,6 @@ setup(
     + [f"nnunetv2_pemma.trainers.{p}" for p in find_packages(where="trainers")]
     + ["nnunetv2_pemma.presets"],
     package_dir={"nnunetv2_pemma.trainers": "trainers", "nnunetv2_pemma.presets": "plans"},
-    package_data={"nnunetv2_pemma.presets": ["*.json"]},
+    # presets; the seed spreads the claims are decided with (nnunetv2_pemma/experiments/seed_spread.json)
+    package_data={"nnunetv2_pemma.presets": ["*.json"], "nnunetv2_pemma.experiments": ["*.json"]},
 )

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from scipy.stats import bootstrap
 
-from nnunetv2_pemma.evaluation.intervals import (FAILS, HOLDS, INCONCLUSIVE, MEASURED, Estimate, combine,
-                                                 mean_interval, paired_difference, verdict)
-from nnunetv2_pemma.experiments.claims import BENCHMARK, DEMO, check_claims
+from nnunetv2_pemma.evaluation.intervals import (FAILS, HOLDS, INCONCLUSIVE, MEASURED, Z, Estimate, combine,
+                                                 mean_interval, paired_difference, verdict, with_seed_spread)
+from nnunetv2_pemma.experiments.claims import BENCHMARK, DEMO, check_claims, spread_key
+from nnunetv2_pemma.experiments.seed_spread import (SPREAD_FILE, describe, load_spread, measure_spread,
+                                                    record_spread, setting)
 from nnunetv2_pemma.experiments.scoring import interval_columns
 from nnunetv2_pemma.experiments.table2 import ADAPTATION, BEFORE, aggregate, table2_markdown, updated_on, write_table2
 
@@ -65,7 +67,7 @@ def test_claims_on_the_papers_pattern() -> None:
     text = "\n".join(map(str, claims))
     assert "[HOLDS] PEMMA: CP beats C: Multimodal adaptation train CP, CP - C: +0.15 [+0.15, +0.15] (n=20)" in text
     gtvp = mean_interval([c["Tumor"] for c in BASE["per_case"].values()])
-    assert f"GTVp {gtvp.mean:.2f} [{gtvp.low:.2f}, {gtvp.high:.2f}] (n=20), GTVn 0.45" in text
+    assert f"GTVp: {gtvp.mean:.2f} [{gtvp.low:.2f}, {gtvp.high:.2f}] (n=20); GTVn: 0.45" in text
     assert "on 20 labelled test cases" in text
     assert "5.00% of the base" in str(claims[-1])
 
@@ -174,3 +176,62 @@ def test_aggregate_pools_cases_over_runs(tmp_path: Path) -> None:
     assert f"{rows[0]['Tumor']:.2f} ± {rows[0]['Tumor_std']:.2f} [" in table2_markdown(rows)
     paths = write_table2(rows, tmp_path)
     assert "Tumor_std" in paths["csv"].read_text().splitlines()[0]
+
+
+def test_seed_spread_widens_the_interval() -> None:
+    wide = with_seed_spread(Estimate(0.10, 0.06, 0.16, 20), 0.05)
+    assert wide.mean == 0.10 and wide.n == 20
+    assert wide.low == pytest.approx(0.10 - math.hypot(0.04, Z * 0.05))
+    assert wide.high == pytest.approx(0.10 + math.hypot(0.06, Z * 0.05))
+    assert Z == pytest.approx(1.959964, abs=1e-6)
+    assert with_seed_spread(Estimate(0.1, 0.0, 0.2, 9), 0.0) == Estimate(0.1, 0.0, 0.2, 9)
+
+
+def test_a_claim_another_seed_could_overturn_is_inconclusive() -> None:
+    """PEMMA's CP 0.08 below early fusion's: FAILS the 0.05 tolerance on the cases alone; with a measured seed
+    spread of 0.05 the interval reaches above -0.05, so INCONCLUSIVE; a small spread leaves it FAILS."""
+    rows = table(GOOD_PEMMA | {(ADAPTATION, "CP", "CP"): 0.64}, GOOD_EARLY)
+    text = "PEMMA's CP tumour Dice within 0.05 of early fusion's at the adaptation stage"
+    key = spread_key(text, "PEMMA - early fusion")
+    assert verdicts(check_claims(rows, BENCHMARK, BASE))[text] == FAILS
+    assert verdicts(check_claims(rows, BENCHMARK, BASE, spread={key: 0.005}))[text] == FAILS
+    claims = check_claims(rows, BENCHMARK, BASE, spread={key: 0.05})
+    claim = next(c for c in claims if c.text == text)
+    assert claim.verdict == INCONCLUSIVE and "with the seed spread (sd 0.05) [-0.18, +0.02]" in claim.detail, claim
+    assert claim.parts[0][1].mean == pytest.approx(-0.08)
+    # a spread elsewhere changes nothing here; the base claim takes its own
+    base = next(c for c in check_claims(rows, BENCHMARK, BASE, spread={key: 0.05}) if c.text.startswith("the CT"))
+    assert base.verdict == HOLDS
+    lymph = spread_key(base.text, "GTVn")
+    assert next(c for c in check_claims(rows, BENCHMARK, BASE, spread={lymph: 0.1})
+                if c.text.startswith("the CT")).verdict == INCONCLUSIVE
+
+
+def test_measure_record_and_load_the_spread(tmp_path: Path) -> None:
+    """The spread of a difference is its standard deviation over the seeds' runs (n - 1), recorded per setting."""
+    runs = [table(GOOD_PEMMA | {(ADAPTATION, "CP", "CP"): v}, GOOD_EARLY) for v in (0.70, 0.62, 0.66)]
+    spread = measure_spread([check_claims(run, DEMO, BASE) for run in runs])
+    key = spread_key("PEMMA's CP tumour Dice within 0.1 of early fusion's at the adaptation stage",
+                     "PEMMA - early fusion")
+    assert spread[key] == pytest.approx(np.std([-0.02, -0.10, -0.06], ddof=1), abs=1e-4)
+    assert spread[spread_key("PEMMA: CP beats C", "Multimodal adaptation train CP, CP - C")] == pytest.approx(
+        np.std([0.15, 0.07, 0.11], ddof=1), abs=1e-4)
+    assert spread[spread_key("Early fusion: CP beats C", "Multimodal adaptation train CP, CP - C")] == 0.0
+    path = tmp_path / "spread.json"
+    assert load_spread("phantom/demo/demo", path) == {} and "test cases alone" in describe("phantom/demo/demo", path)
+    record_spread("phantom/demo/demo", spread, [0, 1, 2], "python benchmarks/table2_phantom.py", path)
+    record_spread("hecktor/paper/full", {"x": 0.1}, [0, 1], "elsewhere", path)
+    assert load_spread("phantom/demo/demo", path) == spread and load_spread("hecktor/paper/full", path) == {"x": 0.1}
+    assert "seeds 0, 1, 2" in describe("phantom/demo/demo", path)
+    assert measure_spread([check_claims(runs[0], DEMO, BASE)]) == {}, "one seed has no spread"
+
+
+def test_the_recorded_demo_spread_covers_the_demos_claims() -> None:
+    """The package's record for `pemma demo` (phantom, demo preset, demo scope) has a spread for every difference
+    the demo's claims compare: a renamed claim would otherwise lose its spread without a word."""
+    spread = load_spread(setting(True, "demo", "demo"))
+    assert spread, f"no demo spread recorded in {SPREAD_FILE}"
+    late = [row("Late fusion", *k, v) for k, v in GOOD_PEMMA.items()]
+    keys = {spread_key(c.text, label) for c in check_claims(table(GOOD_PEMMA, GOOD_EARLY) + late, DEMO, BASE)
+            for label, _ in c.parts}
+    assert keys <= set(spread), keys - set(spread)

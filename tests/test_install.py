@@ -69,6 +69,7 @@ def test_the_wheel_carries_trainers_and_presets(tmp_path: Path) -> None:
     assert {f"nnunetv2_pemma/trainers/{s}" for s in sources} <= names, sorted(names)
     library = {str(p.relative_to(REPO)) for p in (REPO / "nnunetv2_pemma").rglob("*.py")}
     assert library <= names, sorted(library - names)
+    assert "nnunetv2_pemma/experiments/seed_spread.json" in names, "the claims' seed spreads"
 
 
 def test_pemma_help_lists_the_subcommands(nnunet_env: dict[str, str]) -> None:

@@ -175,3 +175,28 @@ def test_negative_seed_is_a_one_line_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("--seed must be a non-negative integer, got -1")
     assert not (tmp_path / "run").exists()
+
+
+def test_scoring_inputs_link_once_and_only_the_channels_a_dataset_has(tmp_path: Path) -> None:
+    """A resumed run links again over the links it left; the CT base's CT-only dataset gets C inputs only (a CP
+    folder would hold links to PET files that do not exist, and a resumed run stopped on them)."""
+    from nnunetv2_pemma.experiments.evaluation_cases import TEST, EvaluationCases
+    from nnunetv2_pemma.experiments.scoring import link_inputs
+
+    images, labels = tmp_path / "imagesTs", tmp_path / "labelsTs"
+    images.mkdir()
+    labels.mkdir()
+    for case in ("CHUM-401", "CHUM-402"):
+        (images / f"{case}_0000.nii.gz").write_bytes(b"ct")
+        (labels / f"{case}.nii.gz").write_bytes(b"label")
+    scored = EvaluationCases(TEST, ("CHUM-401", "CHUM-402"), images, labels)
+    for _ in range(2):
+        folders = link_inputs(tmp_path / "eval", scored, ("C",))
+    assert set(folders) == {"C", "gt"} and not (tmp_path / "eval" / "inputs_CP").exists()
+    assert sorted(p.name for p in folders["C"].iterdir()) == ["CHUM-401_0000.nii.gz", "CHUM-402_0000.nii.gz"]
+    assert (folders["C"] / "CHUM-402_0000.nii.gz").read_bytes() == b"ct"
+    assert (folders["gt"] / "CHUM-401.nii.gz").read_bytes() == b"label"
+    (images / "CHUM-401_0001.nii.gz").write_bytes(b"pet")
+    both = link_inputs(tmp_path / "eval", EvaluationCases(TEST, ("CHUM-401",), images, labels))
+    assert (both["P"] / "CHUM-401_0000.nii.gz").read_bytes() == b"pet"
+    assert (both["CP"] / "CHUM-401_0001.nii.gz").read_bytes() == b"pet"

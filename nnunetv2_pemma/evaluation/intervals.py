@@ -6,6 +6,10 @@ it), so it is decided on the per-case differences (a paired bootstrap): the clai
 of the mean difference lies on its side of the margin, fails when the whole interval lies on the other side,
 and is inconclusive otherwise. Resampling uses a generator with a fixed seed, so the same scores give the same
 intervals.
+
+Resampling cases says nothing of another training's outcome: a model trained with another seed can move a
+difference by more than its interval over cases. `with_seed_spread` widens an interval by a measured seed-to-seed
+spread, so that one run decides only what a rerun with another seed would not overturn.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, norm
 
 LEVEL = 0.95
 N_RESAMPLES = 2000
 SEED = 0
+Z = float(norm.ppf(0.5 + LEVEL / 2))  # 1.96
 
 HOLDS, FAILS, INCONCLUSIVE, MEASURED = "HOLDS", "FAILS", "INCONCLUSIVE", "MEASURED"
 
@@ -65,6 +70,16 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], n_resample
     """Mean over the cases both define of a[case] - b[case], with its bootstrap interval (resampling cases)."""
     cases = sorted(c for c in set(a) & set(b) if not (math.isnan(a[c]) or math.isnan(b[c])))
     return mean_interval([a[c] - b[c] for c in cases], n_resamples, seed)
+
+
+def with_seed_spread(difference: Estimate, spread: float) -> Estimate:
+    """The interval widened by `spread`, the standard deviation of this difference between training seeds: each
+    side's half-width and Z * spread added in quadrature (independent errors from the cases and the training)."""
+    if spread <= 0 or math.isnan(difference.low):
+        return difference
+    extra = Z * spread
+    return Estimate(difference.mean, difference.mean - math.hypot(difference.mean - difference.low, extra),
+                    difference.mean + math.hypot(difference.high - difference.mean, extra), difference.n)
 
 
 def verdict(difference: Estimate, margin: float = 0.0) -> str:

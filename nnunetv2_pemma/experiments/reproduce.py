@@ -14,6 +14,7 @@ from nnunetv2_pemma.experiments.claims import DEMO, Tolerances, check_claims
 from nnunetv2_pemma.experiments.protocol import Protocol, nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs
 from nnunetv2_pemma.experiments.scoring import score_base, score_models
+from nnunetv2_pemma.experiments.seed_spread import describe, load_spread, setting
 from nnunetv2_pemma.experiments.table2 import write_table2
 from nnunetv2_pemma.errors import PemmaError
 from nnunetv2_pemma.plans import load_preset
@@ -29,6 +30,7 @@ class ReproduceResult:
     base_row: dict | None  # the CT base on its own evaluation cases
     trainable_fraction: float
     timings: dict[str, float]
+    setting: str  # data source, preset and scope: where its claims' seed spread is recorded (`seed_spread`)
 
 
 P = TypeVar("P")
@@ -78,7 +80,8 @@ def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_ca
     from nnunetv2_pemma.evaluation.parameters import measure
 
     pemma_row = measure(preset)[-1]
-    return ReproduceResult(out, rows, base_row, pemma_row["trainable_over_phi"], timings)
+    return ReproduceResult(out, rows, base_row, pemma_row["trainable_over_phi"], timings,
+                           setting(hecktor is None, preset, scope))
 
 
 def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwargs) -> str:
@@ -88,8 +91,10 @@ def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwarg
     result = run_protocol(out, preset, **kwargs)
     paths = write_table2(result.rows, result.out)
     (result.out / "parameters.md").write_text(format_parameter_table(measure(preset)) + "\n")
-    claims = check_claims(result.rows, tolerances, result.base_row, result.trainable_fraction)
-    (result.out / "claims.txt").write_text("\n".join(map(str, claims)) + "\n")
-    return (f"{paths['md'].read_text()}\n" + "\n".join(map(str, claims))
+    claims = check_claims(result.rows, tolerances, result.base_row, result.trainable_fraction,
+                          load_spread(result.setting))
+    lines = [*map(str, claims), describe(result.setting)]
+    (result.out / "claims.txt").write_text("\n".join(lines) + "\n")
+    return (f"{paths['md'].read_text()}\n" + "\n".join(lines)
             + f"\n\nTable 2: {paths['md']}, {paths['csv']}, {paths['png']}; claims: {result.out / 'claims.txt'}; "
               f"parameters: {result.out / 'parameters.md'}; logs: {result.out / 'logs'}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,22 +45,22 @@ def stage_cases(protocol: Protocol, stage: str) -> EvaluationCases:
     return evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(protocol.evaluation_dataset(stage)))
 
 
-def link_inputs(root: Path, scored: EvaluationCases) -> dict[str, Path]:
-    """Per inference setting (CP, C, P), a folder under ROOT of the cases with just those channels (the raw
-    dataset's channel 0 is CT, 1 PET), and "gt", a folder of their reference labels."""
-    folders = {infer: root / f"inputs_{infer}" for infer in INFER} | {"gt": root / "reference"}
-    for infer, modalities in INFER.items():
-        folders[infer].mkdir(parents=True, exist_ok=True)
+def link_inputs(root: Path, scored: EvaluationCases, settings: Sequence[str] = tuple(INFER)) -> dict[str, Path]:
+    """Per inference setting (CP, C, P by default), a folder under ROOT of the cases with just those channels (the
+    raw dataset's channel 0 is CT, 1 PET), and "gt", a folder of their reference labels. Links already there stay
+    (a resumed run)."""
+    folders = {infer: root / f"inputs_{infer}" for infer in settings} | {"gt": root / "reference"}
+    links = {(folders["gt"] / f"{case}.nii.gz"): scored.labels / f"{case}.nii.gz" for case in scored.cases}
+    for infer in settings:
         for case in scored.cases:
-            for i, m in enumerate(modalities):
-                link = folders[infer] / f"{case}_{i:04d}.nii.gz"
-                if not link.exists():
-                    link.symlink_to(scored.images / f"{case}_{('CT', 'PET').index(m):04d}.nii.gz")
-    folders["gt"].mkdir(parents=True, exist_ok=True)
-    for case in scored.cases:
-        link = folders["gt"] / f"{case}.nii.gz"
-        if not link.exists():
-            link.symlink_to(scored.labels / f"{case}.nii.gz")
+            for i, m in enumerate(INFER[infer]):
+                source = scored.images / f"{case}_{('CT', 'PET').index(m):04d}.nii.gz"
+                links[folders[infer] / f"{case}_{i:04d}.nii.gz"] = source
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for link, source in links.items():
+        if not link.is_symlink():
+            link.symlink_to(source)
     return folders
 
 
@@ -186,7 +187,7 @@ def score_base(protocol: Protocol, tta: bool, workers: int = 1) -> dict:
                        if k.startswith("nnUNet_")})
     scored = evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(501))
     root = protocol.out / "evaluation" / "ct_base"
-    folders = link_inputs(root, scored)
+    folders = link_inputs(root, scored, ("C",))  # a CT-only dataset
     base = Model("CT base", "Pre-training", "C", 501, "UNETRTrainer", protocol.base_config)
     # the base's cases split in halves, one per worker
     halves = [scored.cases[k::max(workers, 1)] for k in range(max(workers, 1))]
