@@ -134,13 +134,15 @@ def test_fine_tuning_needs_its_pretrained_model(peers: dict) -> None:
 
 def test_peer_table_scores_every_row(workflow: dict, peers: dict) -> None:
     """`pemma compare`'s scoring on the workflow's models (the tiny presets stand in for the demo's)."""
-    from nnunetv2_pemma.experiments.compare import COLUMNS, ROWS, Comparison, score_rows, write_table
+    from nnunetv2_pemma.experiments.compare import LABELS, METRICS, ROWS, Comparison, score_rows, write_table
 
     comparison = Comparison(workflow["root"], workflow["root"] / "hecktor", "tiny", "cpu")
     rows = score_rows(comparison, tta=False)
     assert [(r["method"], r["infer"]) for r in rows] == [(row.name, i) for row in ROWS for i in row.infers]
     for r in rows:
-        for column in COLUMNS[2:10]:
+        # MDA's labelled test cases (the workflow's phantom has 2 per centre), never its training cases
+        assert (r["cases"], r["scored_on"]) == (2, "labelled test cases"), r
+        for column in (f"{label} {metric}" for label in LABELS for metric in METRICS):
             value = r[column]
             assert math.isnan(value) or (0 <= value <= 1 if not column.endswith("hd95_mm") else value >= 0)
         assert 0 < r["trainable"] <= r["total"] and r["inference_s_per_case"] > 0

@@ -522,10 +522,12 @@ def _write_dataset(out_dir: Path, cases: list[CaseFiles], records: dict[str, dic
                    labels: dict[str, int], pemma_block: dict, dataset_name: str) -> Path | None:
     """Write images, labels, dataset.json, crop records and splits of already validated cases."""
     test = [c for c in cases if c.split == "test"]
+    # the bar exists before the folder does: a signal while tqdm is half built makes its __del__ print a traceback
+    progress = tqdm(cases, desc="writing cases", unit="case")
     for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()) + (
             ("labelsTs",) if any(c.label is not None for c in test) else ()):
         (out_dir / sub).mkdir(parents=True)
-    for case in tqdm(cases, desc="writing cases", unit="case"):
+    for case in progress:
         _write_case(out_dir, case, records[case.case_id], modalities)
     train = {case.case_id: case.center for case in cases if case.split == "train"}
     generate_dataset_json(str(out_dir), channel_names={i: m for i, m in enumerate(modalities)}, labels=dict(labels),
