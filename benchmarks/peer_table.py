@@ -21,7 +21,9 @@ import speed_memory
 import workspace
 from nnunetv2_pemma.experiments.compare import COLUMNS, run_compare, write_table
 
-SETUP_OF_TRAINER = {"nnUNetPresetTrainer": "unet", "EarlyFusionTrainer": "early_fusion",
+SETUP_OF_TRAINER = {"nnUNetPresetTrainer": "unet", "nnUNetChannelDropoutTrainer": "unet_channel_dropout",
+                    "EarlyFusionCNNTrainer": "early_fusion_cnn", "PEMMACNNTrainer": "pemma_cnn",
+                    "EarlyFusionTrainer": "early_fusion",
                     "PEMMATrainer": "pemma_adaptation", "H2ASegTrainer": "h2aseg",
                     "SliceInteractionTrainer": "slices25d", "SliceInteractionFineTuningTrainer": "slices25d"}
 """The benchmark setup that measures each row's training step (a fine-tuned 2.5D model steps as one from scratch)."""

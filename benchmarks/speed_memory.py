@@ -61,8 +61,10 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 import measure
 import workspace
 from nnunetv2_pemma.inference.slice_stack_predictor import SliceStackPredictor
-from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer_stepTiming,
+from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionCNNTrainer_stepTiming,
+                                                               EarlyFusionTrainer_stepTiming,
                                                                H2ASegTrainer_stepTiming,
+                                                               PEMMACNNTrainer_stepTiming,
                                                                PEMMAContinualTrainer_stepTiming,
                                                                PEMMADoRATrainer_stepTiming,
                                                                PEMMAMoATrainer_stepTiming,
@@ -70,7 +72,9 @@ from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer
                                                                PEMMAPriorTrainer_stepTiming,
                                                                PEMMATrainer_stepTiming,
                                                                SliceInteractionTrainer_stepTiming, StepTiming,
-                                                               UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
+                                                               UNETRTrainer_stepTiming,
+                                                               nnUNetChannelDropoutTrainer_stepTiming,
+                                                               nnUNetTrainer_stepTiming)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Setup:
     label: str
     trainer: type[StepTiming]
     dataset: str  # "ct" or "ctpet"
-    configuration: str  # the workspace's "unetr", "unet", "h2aseg" or "slices25d" configuration
+    configuration: str  # the workspace's "unetr", "unet", "cnn" (unet preset), "h2aseg" or "slices25d" one
     start: str | None  # the checkpoint it adapts: "ct_base", "pemma" or none
 
 
@@ -94,6 +98,11 @@ SETUPS = {
     "pemma_continual": Setup("PEMMA continual (CT only)", PEMMAContinualTrainer_stepTiming, "ct", "unetr", "pemma"),
     "early_fusion": Setup("Early fusion (CT+PET)", EarlyFusionTrainer_stepTiming, "ctpet", "unetr", "ct_base"),
     "unet": Setup("nnU-Net 3d_fullres U-Net (CT+PET)", nnUNetTrainer_stepTiming, "ctpet", "unet", None),
+    "unet_channel_dropout": Setup("nnU-Net U-Net, channel dropout (CT+PET)", nnUNetChannelDropoutTrainer_stepTiming,
+                                  "ctpet", "cnn", None),
+    "early_fusion_cnn": Setup("Early fusion on nnU-Net's U-Net (CT+PET)", EarlyFusionCNNTrainer_stepTiming, "ctpet",
+                              "cnn", "cnn_base"),
+    "pemma_cnn": Setup("PEMMA on nnU-Net's U-Net (CT+PET)", PEMMACNNTrainer_stepTiming, "ctpet", "cnn", "cnn_base"),
     "h2aseg": Setup("H2ASeg (CT+PET)", H2ASegTrainer_stepTiming, "ctpet", "h2aseg", None),
     "slices25d": Setup("2.5D slice interaction (CT+PET, 2d)", SliceInteractionTrainer_stepTiming, "ctpet",
                        "slices25d", None),

@@ -43,6 +43,8 @@ class Workspace:
     slices25d_configuration: str
     ct_base: str  # checkpoints the adapting trainers start from
     pemma: str
+    cnn_configuration: str = ""  # the unet preset at the preset's size: nnU-Net's U-Net with a "pemma" block
+    cnn_base: str = ""  # the CT model of nnU-Net's U-Net the CNN forms start from
 
 
 def use(root: Path) -> None:
@@ -76,13 +78,15 @@ def _add_unet_configuration(plans_file: Path, name: str, patch_size: list[int], 
 
 
 def _starting_checkpoints(ws: Workspace, log: Path) -> None:
-    from nnunetv2_pemma.trainers.benchmarking.step_timing import PEMMATrainer_stepTiming, UNETRTrainer_stepTiming
+    from nnunetv2_pemma.trainers.benchmarking.step_timing import (PEMMATrainer_stepTiming, UNETRTrainer_stepTiming,
+                                                                   nnUNetPresetTrainer_stepTiming)
 
     with log.open("a") as out, contextlib.redirect_stdout(out):
         ct_base = UNETRTrainer_stepTiming.started(ws.ct, ws.unetr_configuration, "cpu")
         ct_base.save_checkpoint(ws.ct_base)
         pemma = PEMMATrainer_stepTiming.started(ws.ctpet, ws.unetr_configuration, "cpu", ws.ct_base)
         pemma.save_checkpoint(ws.pemma)
+        nnUNetPresetTrainer_stepTiming.started(ws.ct, ws.cnn_configuration, "cpu").save_checkpoint(ws.cnn_base)
 
 
 def prepare(root: Path, preset_name: str) -> Workspace:
@@ -99,10 +103,12 @@ def prepare(root: Path, preset_name: str) -> Workspace:
     log = root / "workspace.log"
     ct, ctpet = f"Dataset{CT_ID}_BenchCT", f"Dataset{CTPET_ID}_BenchCTPET"
     results = Path(os.environ["nnUNet_results"])
-    peers = {kind: peer_preset(kind, preset_name) for kind in ("h2aseg", "slices25d")}
+    peers = {kind: peer_preset(kind, preset_name) for kind in ("h2aseg", "slices25d", "unet")}
     ws = Workspace(str(root), preset_name, ct, ctpet, preset["configuration"], f"3d_fullres_{preset_name}",
-                   *(load_preset(p).configuration for p in peers.values()),
-                   ct_base=str(results / "checkpoint_ct_base.pth"), pemma=str(results / "checkpoint_pemma.pth"))
+                   load_preset(peers["h2aseg"]).configuration, load_preset(peers["slices25d"]).configuration,
+                   ct_base=str(results / "checkpoint_ct_base.pth"), pemma=str(results / "checkpoint_pemma.pth"),
+                   cnn_configuration=load_preset(peers["unet"]).configuration,
+                   cnn_base=str(results / "checkpoint_cnn_base.pth"))
     phantom = root / "phantom"
     _run(["pemma", "phantom", str(phantom), "--cases-per-center", "1"], log)
     _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CT_ID), "--name", "BenchCT", "--centers",

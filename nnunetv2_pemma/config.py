@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from nnunetv2_pemma.adaptation.methods import qkv_methods
+from nnunetv2_pemma.adaptation.methods import conv_methods, qkv_methods
 from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.backbones import ModelSpec, parse_model
 from nnunetv2_pemma.training.augmentation import SECTION as AUGMENTATION_SECTION
@@ -67,12 +67,15 @@ class Adaptation:
     # continual updates also train a LoRA (lora_rank, lora_alpha) on the CT input skip's convolutions: what a new
     # centre's CT needs when it differs at the voxel level (contrast, README "Updates that learn a new centre")
     input_skip_adapter: bool = False
+    # nnU-Net's CNNs: the normalisation layers' scale and bias shift by trained amounts (methods.NORM_SHIFT)
+    train_norms: bool = False
 
     @classmethod
     def parse(cls, section: Any) -> "Adaptation":
         kwargs = _fields_of(cls, section, "adaptation")
-        if kwargs.get("method", "lora") not in qkv_methods():
-            raise ValueError(f"adaptation method must be one of {list(qkv_methods())}, got {kwargs['method']!r}")
+        methods = qkv_methods() + conv_methods()
+        if kwargs.get("method", "lora") not in methods:
+            raise ValueError(f"adaptation method must be one of {list(methods)}, got {kwargs['method']!r}")
         if kwargs["pet_init"] not in PET_INITS:
             raise ValueError(f"pet_init must be one of {PET_INITS}, got {kwargs['pet_init']!r}")
         if kwargs["missing_modality"] not in MISSING_MODALITY_MODES:
@@ -81,8 +84,9 @@ class Adaptation:
         if not isinstance(kwargs["lora_rank"], int) or kwargs["lora_rank"] < 1:
             raise ValueError(f"lora_rank must be a positive integer, got {kwargs['lora_rank']!r}")
         _check_method_options(kwargs)
-        if not isinstance(kwargs.get("input_skip_adapter", False), bool):
-            raise ValueError(f"input_skip_adapter must be true or false, got {kwargs['input_skip_adapter']!r}")
+        for key in ("input_skip_adapter", "train_norms"):
+            if not isinstance(kwargs.get(key, False), bool):
+                raise ValueError(f"{key} must be true or false, got {kwargs[key]!r}")
         probs = kwargs["modality_dropout"]
         if probs is not None:
             if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
@@ -220,10 +224,16 @@ class Preset:
             patch = model.check_patch_size(raw["patch_size"])
             if not isinstance(raw["batch_size"], int) or raw["batch_size"] < 1:
                 raise ValueError(f"batch_size must be a positive integer, got {raw['batch_size']!r}")
+            adaptation = Adaptation.parse(raw.get("adaptation", DEFAULT_ADAPTATION))
+            convolutional = model.architecture == "nnUNet"
+            if "adaptation" in raw and (adaptation.method in conv_methods()) != convolutional:
+                wanted = conv_methods() if convolutional else qkv_methods()
+                raise ValueError(f"{model.architecture} presets adapt with one of {list(wanted)}, not "
+                                 f"{adaptation.method!r}")
             return cls(name=raw.get("name", name), source=source, configuration=raw["configuration"],
                        inherits_from=raw.get("inherits_from", "3d_fullres"), patch_size=patch,
                        batch_size=raw["batch_size"], model=model,
-                       adaptation=Adaptation.parse(raw.get("adaptation", DEFAULT_ADAPTATION)),
+                       adaptation=adaptation,
                        schedule=Schedule.parse(raw["schedule"]), augmentation=_augmentation(raw),
                        survival=_survival(raw), description=raw.get("description", ""))
         except (ValueError, TypeError) as e:

@@ -118,3 +118,38 @@ def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
     continual = checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "PEMMAContinualTrainer")
     return {"env": env, "root": root, "base": base, "adapted": adapted, "continual": continual,
             "base_log": base_log.stdout}
+
+
+CNN_CONFIG = "3d_fullres_unet_tiny"
+CTPET_MDA, CT_HGJ = "Dataset502_HNC_CTPET_MDA", "Dataset503_HNC_CT_HGJ"
+
+
+def cnn_checkpoint(env: dict[str, str], dataset: str, trainer: str) -> Path:
+    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{CNN_CONFIG}" / "fold_0" / \
+        "checkpoint_final.pth"
+
+
+@pytest.fixture(scope="session")
+def cnn_models(workflow: dict) -> dict:
+    """The CNN forms on the workflow's datasets (unet_tiny preset): a CT base of nnU-Net's U-Net
+    (nnUNetPresetTrainer on 501's CT) -> PEMMACNNTrainer on MDA CT+PET (502) -> PEMMACNNContinualTrainer on HGJ CT
+    (503); nnUNetChannelDropoutTrainer from scratch and EarlyFusionCNNTrainer from the base on 502. Used by the
+    CNN tests and the peer table's rows."""
+    env = workflow["env"]
+    run_ok(["pemma", "plans", "add", "501", "--preset", "unet_tiny"], env)
+    run_ok(["nnUNetv2_train", "501", CNN_CONFIG, "0", "-tr", "nnUNetPresetTrainer", "-device", "cpu"], env)
+    base = cnn_checkpoint(env, "Dataset501_HNC_CT", "nnUNetPresetTrainer")
+    for target in ("502", "503"):
+        run_ok(["pemma", "plans", "transfer", "501", target, "--preset", "unet_tiny"], env)
+    run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "PEMMACNNTrainer", "-device", "cpu",
+            "-pretrained_weights", str(base)], env)
+    adapted = cnn_checkpoint(env, CTPET_MDA, "PEMMACNNTrainer")
+    run_ok(["nnUNetv2_train", "503", CNN_CONFIG, "0", "-tr", "PEMMACNNContinualTrainer", "-device", "cpu",
+            "-pretrained_weights", str(adapted)], env)
+    run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "nnUNetChannelDropoutTrainer", "-device", "cpu"], env)
+    run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "EarlyFusionCNNTrainer", "-device", "cpu",
+            "-pretrained_weights", str(base)], env)
+    return {"env": env, "base": base, "adapted": adapted, "unetr_base": workflow["base"],
+            "continual": cnn_checkpoint(env, CT_HGJ, "PEMMACNNContinualTrainer"),
+            "dropout": cnn_checkpoint(env, CTPET_MDA, "nnUNetChannelDropoutTrainer"),
+            "fusion": cnn_checkpoint(env, CTPET_MDA, "EarlyFusionCNNTrainer")}

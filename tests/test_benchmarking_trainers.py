@@ -12,13 +12,14 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from conftest import REPO, nnunet_environment, run_ok
 from nnunetv2_pemma.trainers.benchmarking.step_timing import (EarlyFusionTrainer_stepTiming,
+                                                               PEMMACNNTrainer_stepTiming,
                                                                PEMMAContinualTrainer_stepTiming,
                                                                PEMMATrainer_stepTiming, StepTiming,
                                                                UNETRTrainer_stepTiming, nnUNetTrainer_stepTiming)
 
 pytestmark = pytest.mark.slow
 SETUPS = ("ct_unetr", "pemma_adaptation", "pemma_prior", "pemma_moa", "pemma_continual", "early_fusion", "unet",
-          "h2aseg", "slices25d")
+          "unet_channel_dropout", "early_fusion_cnn", "pemma_cnn", "h2aseg", "slices25d")
 """The setups the test runs (speed_memory.py has DoRA and prior tokens too, which differ from these in one layer)."""
 
 
@@ -75,6 +76,19 @@ def test_pemma_adaptation_leaves_the_ct_base_frozen(ws: dict, monkeypatch: pytes
     assert any(not torch.equal(after[k], before[k]) for k in after.keys() - base.keys()), "nothing trained"
     trainable = sum(p.numel() for p in trainer.network.parameters() if p.requires_grad)
     assert 0 < trainable < 0.5 * sum(p.numel() for p in trainer.network.parameters())
+
+
+def test_pemma_on_the_cnn_leaves_its_ct_model_frozen(ws: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = PEMMACNNTrainer_stepTiming.started(ws["ctpet"], ws["cnn_configuration"], "cpu", ws["cnn_base"])
+    base = torch.load(ws["cnn_base"], map_location="cpu", weights_only=False)["network_weights"]
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    assert trainer.batch["data"].shape[1] == 2 and base.keys() <= before.keys()
+    assert all(torch.equal(before[k], base[k]) for k in base)  # the whole CT model, segmentation heads included
+    steps_through_nnunet(trainer, monkeypatch)
+    after = trainer.network.state_dict()
+    assert all(torch.equal(after[k], base[k]) for k in base), "a weight of the CT model changed"
+    assert any(not torch.equal(after[k], before[k]) for k in after.keys() - base.keys()), "nothing trained"
+    assert isinstance(trainer.loss, DeepSupervisionWrapper) and isinstance(trainer.optimizer, torch.optim.SGD)
 
 
 def test_early_fusion_trains_the_ct_base(ws: dict, monkeypatch: pytest.MonkeyPatch) -> None:

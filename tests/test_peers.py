@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nnunetv2_pemma.errors import PlansError
-from nnunetv2_pemma.experiments.compare import PRETRAINING_CTPET, ROWS, Comparison
+from nnunetv2_pemma.experiments.compare import CNN_BASE_TRAINER, PRETRAINING_CTPET, ROWS, Comparison
 from nnunetv2_pemma.networks.modality_channels import ModalityChannels
 from nnunetv2_pemma.networks.peers.h2aseg import H2ASeg
 from nnunetv2_pemma.plans import load_preset
@@ -47,10 +47,14 @@ def test_bad_peer_presets_are_refused_in_one_line(tmp_path: Path, name: str, cha
 
 
 def test_peer_presets_need_no_adaptation_section() -> None:
-    """A network trained from scratch adapts nothing; like every model here it takes a missing modality as zero."""
-    for name in ("h2aseg", "slices25d", "unet"):
+    """A network trained from scratch adapts nothing; like every model here it takes a missing modality as zero.
+    The U-Net presets' section is that of PEMMA on the CNN (conv LoRA; an absent modality's slot is skipped)."""
+    for name in ("h2aseg", "slices25d"):
         raw = json.loads(Path(load_preset(name).source).read_text())
         assert "adaptation" not in raw and load_preset(name).adaptation.missing_modality == "zero"
+    for name in ("unet", "unet_demo", "unet_tiny"):
+        adaptation = load_preset(name).adaptation
+        assert (adaptation.method, adaptation.missing_modality) == ("conv_lora", "drop")
 
 
 class _Recorder(nn.Module):
@@ -102,7 +106,13 @@ def test_comparison_trains_every_row_and_nothing_else(tmp_path: Path) -> None:
     trainings = {j.done: n for n, j in jobs.items() if j.uses_device}
     wanted = {comparison.checkpoint(r.dataset, r.trainer, comparison.configs[r.kind]) for r in ROWS}
     source = comparison.checkpoint(PRETRAINING_CTPET, "SliceInteractionTrainer", comparison.configs["slices25d"])
-    assert set(trainings) == wanted | {source, comparison.checkpoint(501, "UNETRTrainer", comparison.base_config)}
+    cnn_base = comparison.checkpoint(501, CNN_BASE_TRAINER, comparison.configs["unet"])
+    assert set(trainings) == wanted | {source, cnn_base, comparison.checkpoint(501, "UNETRTrainer",
+                                                                               comparison.base_config)}
+    for row in (r for r in ROWS if r.from_cnn_base):  # PEMMA and early fusion on the CNN start from its CT base
+        job = jobs[trainings[comparison.checkpoint(502, row.trainer, comparison.configs["unet"])]]
+        assert job.argv[job.argv.index("-pretrained_weights") + 1] == str(cnn_base)
+        assert trainings[cnn_base] in _upstream(jobs, job.name)
     assert not any(" 503" in n for n in jobs)  # late fusion's PET model is not a row
     fine_tune = jobs[trainings[comparison.checkpoint(502, "SliceInteractionFineTuningTrainer",
                                                       comparison.configs["slices25d"])]]

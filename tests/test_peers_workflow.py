@@ -132,7 +132,7 @@ def test_fine_tuning_needs_its_pretrained_model(peers: dict) -> None:
         "nnUNetv2_train: error: SliceInteractionFineTuningTrainer fine-tunes a pre-trained 2.5D model")
 
 
-def test_peer_table_scores_every_row(workflow: dict, peers: dict) -> None:
+def test_peer_table_scores_every_row(workflow: dict, peers: dict, cnn_models: dict) -> None:
     """`pemma compare`'s scoring on the workflow's models (the tiny presets stand in for the demo's)."""
     from nnunetv2_pemma.experiments.compare import LABELS, METRICS, ROWS, Comparison, score_rows, write_table
 
@@ -146,6 +146,9 @@ def test_peer_table_scores_every_row(workflow: dict, peers: dict) -> None:
             value = r[column]
             assert math.isnan(value) or (0 <= value <= 1 if not column.endswith("hd95_mm") else value >= 0)
         assert 0 < r["trainable"] <= r["total"] and r["inference_s_per_case"] > 0
+    for name in ("PEMMA", "PEMMA on nnU-Net's U-Net"):
+        row = next(r for r in rows if r["method"] == name)
+        assert row["trainable"] < 0.2 * row["total"], name
     pemma = next(r for r in rows if r["method"] == "PEMMA")
     early = next(r for r in rows if r["method"] == "UNETR early fusion")
     assert pemma["trainable"] < 0.2 * pemma["total"]

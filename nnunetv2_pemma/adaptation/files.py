@@ -38,7 +38,9 @@ def save_adapter(state_dict: Mapping[str, torch.Tensor], path: Path, *, trainer_
                  base_file: str | None = None, extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Write the adapter tensors of `state_dict` with what nnU-Net needs to rebuild the network as metadata, and
     the fingerprint of its (frozen) base tensors plus `base_file`, so that `apply_adapter` can check the base."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if is_added(k)}
+    # a copy per name: nnU-Net's U-Nets register a layer under several names (its decoder holds the encoder, its
+    # conv blocks hold each layer twice), and a checkpoint made from the file needs every name
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items() if is_added(k)}
     if not tensors:
         raise CheckpointError(f"no adapter tensors in the network to write to {path}")
     axes = None if mirroring_axes is None else [int(a) for a in mirroring_axes]

@@ -1,4 +1,5 @@
-"""Fold LoRA / DoRA into the fused ``qkv`` weights, and conv LoRA into its convolution's kernel, for inference.
+"""Fold LoRA / DoRA into the fused ``qkv`` weights, conv LoRA into its convolution's kernel and norm shifts into
+their norm's scale and bias, for inference.
 
 After :func:`fold_adapters` every attention layer is a plain ``nn.Linear`` again, and every wrapped convolution a
 plain convolution: the low-rank branches cost nothing
@@ -15,6 +16,10 @@ import torch.nn as nn
 
 from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
+from nnunetv2_pemma.adaptation.norm_layers import ShiftedInstanceNorm2d, ShiftedInstanceNorm3d
+
+FOLDED_BY_PLAIN = (LoRAConv2d, LoRAConv3d, ShiftedInstanceNorm2d, ShiftedInstanceNorm3d)
+"""Adapter layers that fold themselves (``plain()``) into the layer class they wrap."""
 
 __all__ = ["fold_adapters"]
 
@@ -24,8 +29,8 @@ M = TypeVar("M", bound=nn.Module)
 @torch.no_grad()
 def fold_adapters(net: M) -> M:
     """Replace every :class:`LoRAQKVLinear` (LoRA or DoRA) in ``net`` by a plain ``nn.Linear`` whose weight
-    is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight), and every conv LoRA layer by
-    its plain convolution (``plain()``).
+    is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight), and every conv LoRA layer and
+    norm shift by its plain layer (``plain()``).
 
     The base parameters keep their state-dict names (``...attn.qkv.weight``, ``...attn.qkv.bias``); the
     ``lora_*`` tensors are gone, so the merged network no longer loads adapter files or trains its adapters:
@@ -35,11 +40,12 @@ def fold_adapters(net: M) -> M:
     Returns:
         ``net`` itself (modified in place), for chaining.
     """
-    for name, conv in [(n, m) for n, m in net.named_modules() if isinstance(m, (LoRAConv2d, LoRAConv3d))]:
+    plain: dict[int, nn.Module] = {}  # one plain layer per adapter, wherever it is registered (nnU-Net: twice)
+    for name, layer in [(n, m) for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, FOLDED_BY_PLAIN)]:
         if not name:
-            raise TypeError("cannot merge a conv LoRA layer in place of itself: use its plain()")
+            raise TypeError(f"cannot merge a {type(layer).__name__} in place of itself: use its plain()")
         parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, conv.plain())
+        setattr(net.get_submodule(parent_name) if parent_name else net, child, plain.setdefault(id(layer), layer.plain()))
     targets = [(name, m) for name, m in net.named_modules() if isinstance(m, LoRAQKVLinear)]
     if any(not name for name, _ in targets):
         raise TypeError("cannot merge a LoRA layer in place of itself: use nn.Linear with its merged_weight()")

@@ -8,8 +8,10 @@ mixtures of adapters) joins with one :func:`register` call and no edit elsewhere
 Stages: "adaptation" (CT base -> CT+PET, the base frozen), "continual" (updates on new data, any modality) and
 "clinical" (a CT+PET prognosis model -> CT+PET+clinical: the clinical token and the qkv adapters train).
 
-The qkv methods (a preset's ``adaptation.method``): LoRA, DoRA, context priors (LoRA plus prior tokens,
-``priors.py``) and a mixture of LoRA experts (``mixture.py``).
+The qkv methods (a preset's ``adaptation.method`` for a transformer): LoRA, DoRA, context priors (LoRA plus prior
+tokens, ``priors.py``) and a mixture of LoRA experts (``mixture.py``). The conv methods (``adaptation.method`` for
+nnU-Net's CNN U-Nets): conv LoRA around every convolution (``conv_layers.py``), optionally with shifts of the
+normalisation layers' affine parameters (``norm_layers.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
+from nnunetv2_pemma.adaptation.conv_layers import wrap_conv
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 from nnunetv2_pemma.adaptation.mixture import MoALoRAQKVLinear, expert_keys
 from nnunetv2_pemma.errors import PlansError
@@ -31,6 +34,7 @@ Stage = Literal["adaptation", "continual", "clinical"]
 STAGES: tuple[Stage, ...] = ("adaptation", "continual", "clinical")
 
 QKVWrapper = Callable[[nn.Linear, "Adaptation"], nn.Module]
+ConvWrapper = Callable[[nn.Module, "Adaptation"], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,14 @@ class AdapterMethod:
         trains: per stage, the prefixes whose parameters train (the rest of the network is frozen).
         wrap_qkv: for methods that adapt attention, how a fused qkv ``nn.Linear`` is wrapped for a preset's
             adaptation section.
+        wrap_conv: for methods that adapt convolutions, how a plain ``nn.Conv2d``/``nn.Conv3d`` is wrapped.
     """
 
     name: str
     prefixes: tuple[str, ...]
     trains: dict[Stage, tuple[str, ...]] = field(default_factory=dict)
     wrap_qkv: QKVWrapper | None = None
+    wrap_conv: ConvWrapper | None = None
 
 
 REGISTRY: dict[str, AdapterMethod] = {}
@@ -99,6 +105,20 @@ MOA = register(AdapterMethod("moa", prefixes=("moa_",), trains={s: ("moa_",) for
 trains is the trainer's choice (the new centre's), see ``trainers/adaptation/mixture.py``."""
 
 
+def _conv_lora(conv: nn.Module, adaptation: Adaptation) -> nn.Module:
+    return wrap_conv(conv, adaptation.lora_rank, adaptation.lora_alpha)
+
+
+CONV_LORA = register(AdapterMethod("conv_lora", prefixes=("conv_lora_",), trains={s: ("conv_lora_",) for s in STAGES},
+                                   wrap_conv=_conv_lora))
+"""Conv LoRA around every frozen convolution of a CNN U-Net's encoder and decoder (``adaptation.method``
+"conv_lora" of an nnU-Net preset)."""
+
+NORM_SHIFT = register(AdapterMethod("norm_shift", prefixes=("norm_shift_",),
+                                    trains={s: ("norm_shift_",) for s in STAGES}))
+"""Trainable shifts of the frozen normalisation layers' scale and bias (``adaptation.train_norms``), AdaBN-style
+adaptation of a CNN's feature statistics that leaves the base's own norm parameters untouched."""
+
 INPUT_SKIP = register(AdapterMethod("input_skip", prefixes=("conv_lora_",), trains={"continual": ("conv_lora_",)}))
 """Conv LoRA on the CT input skip's convolutions (``adaptation.input_skip_adapter``), trained in continual updates
 only: the adaptation to PET leaves the CT path as the base had it."""
@@ -107,6 +127,18 @@ only: the adaptation to PET leaves the CT path as the base had it."""
 def qkv_methods() -> tuple[str, ...]:
     """Names of the registered methods that adapt attention (valid values of a preset's ``adaptation.method``)."""
     return tuple(name for name, m in REGISTRY.items() if m.wrap_qkv is not None)
+
+
+def conv_methods() -> tuple[str, ...]:
+    """Names of the registered methods that adapt convolutions (``adaptation.method`` of a CNN preset)."""
+    return tuple(name for name, m in REGISTRY.items() if m.wrap_conv is not None)
+
+
+def get_conv_method(name: str) -> AdapterMethod:
+    if name not in REGISTRY or REGISTRY[name].wrap_conv is None:
+        raise PlansError(f"adaptation method {name!r} does not adapt convolutions: nnU-Net's U-Nets take one of "
+                         f"{list(conv_methods())}")
+    return REGISTRY[name]
 
 
 def get_method(name: str) -> AdapterMethod:

@@ -6,10 +6,12 @@ scored on its fold-0 validation cases, as in `pemma reproduce`:
 
 - nnU-Net's own 3d_fullres U-Net on both channels, UNETR early fusion and PEMMA (both from the CT base trained on
   the pre-training centres), H2ASeg and the 2.5D slice-interaction network, each from scratch;
+- the CNN forms on nnU-Net's U-Net: the U-Net from scratch with channel dropout, and PEMMA and early fusion from a
+  CT base of nnU-Net's own U-Net trained on the pre-training centres (the "unet" preset of the same size);
 - the 2.5D network's transfer-learning recipe: pre-trained on the pre-training centres' CT+PET (dataset 504), then
   fine-tuned on 502 (`SliceInteractionFineTuningTrainer`), next to its from-scratch row.
 
-Per row and input (CP; C and P for the networks that take an absent modality as a zero image): Dice, HD95,
+Per row and input (CP, C and P: every network takes an absent modality as a zero image or skips its slot): Dice, HD95,
 precision and recall per class (`evaluation.metrics`), trainable and total parameters, and the inference time per
 case of `pemma predict`'s path (nnU-Net's predictor in this process, preprocessing and export included). Training
 step time and peak memory are measured for the same networks in one run by `benchmarks/peer_table.py`, which
@@ -35,6 +37,7 @@ from nnunetv2_pemma.plans import load_preset
 LABELS = {"GTVp": 1, "GTVn": 2}
 METRICS = ("dice", "hd95_mm", "precision", "recall")
 PRETRAINING_CTPET = 504  # the pre-training centres with PET: the 2.5D network's source task
+CNN_BASE_TRAINER = "nnUNetPresetTrainer"  # nnU-Net's own U-Net on the pre-training centres' CT: the CNN forms' base
 
 
 @dataclass(frozen=True)
@@ -45,17 +48,20 @@ class Row:
     kind: str  # preset kind: "unetr" (the reproduction's own preset), "unet", "h2aseg", "slices25d"
     trainer: str
     dataset: int
-    infers: tuple[str, ...]
+    infers: tuple[str, ...] = ("CP", "C", "P")
+    from_cnn_base: bool = False  # starts from the CT base of nnU-Net's U-Net (the "unet" preset, on 501)
 
 
 ROWS = (
-    Row("nnU-Net 3d_fullres U-Net", "unet", "nnUNetPresetTrainer", 502, ("CP",)),
-    Row("UNETR early fusion", "unetr", "EarlyFusionTrainer", 502, ("CP", "C", "P")),
-    Row("PEMMA", "unetr", "PEMMATrainer", 502, ("CP", "C", "P")),
-    Row("H2ASeg", "h2aseg", "H2ASegTrainer", 502, ("CP", "C", "P")),
-    Row("2.5D slice interaction", "slices25d", "SliceInteractionTrainer", 502, ("CP", "C", "P")),
-    Row("2.5D slice interaction, pre-trained", "slices25d", "SliceInteractionFineTuningTrainer", 502,
-        ("CP", "C", "P")),
+    Row("nnU-Net 3d_fullres U-Net", "unet", "nnUNetPresetTrainer", 502),
+    Row("nnU-Net U-Net, channel dropout", "unet", "nnUNetChannelDropoutTrainer", 502),
+    Row("nnU-Net early fusion", "unet", "EarlyFusionCNNTrainer", 502, from_cnn_base=True),
+    Row("PEMMA on nnU-Net's U-Net", "unet", "PEMMACNNTrainer", 502, from_cnn_base=True),
+    Row("UNETR early fusion", "unetr", "EarlyFusionTrainer", 502),
+    Row("PEMMA", "unetr", "PEMMATrainer", 502),
+    Row("H2ASeg", "h2aseg", "H2ASegTrainer", 502),
+    Row("2.5D slice interaction", "slices25d", "SliceInteractionTrainer", 502),
+    Row("2.5D slice interaction, pre-trained", "slices25d", "SliceInteractionFineTuningTrainer", 502),
 )
 PEER_KINDS = ("unet", "h2aseg", "slices25d")
 
@@ -96,14 +102,19 @@ class Comparison(Protocol):
                                              [source]))
                 pretrained = self._train(PRETRAINING_CTPET, "SliceInteractionTrainer", [source_plans],
                                          config=self.configs[kind])
+            if kind == "unet":
+                cnn_base = self._train(501, CNN_BASE_TRAINER, [add_peer], config=self.configs[kind])
         for job in self.jobs.values():  # every training on 502 starts once its plans are final
             if job.uses_device and " on 502" in job.name:
                 job.after.append(previous)
         for row in ROWS:
             if row.kind in PEER_KINDS:
-                after = [previous] + ([pretrained] if row.trainer == "SliceInteractionFineTuningTrainer" else [])
+                after = [previous] + ([pretrained] if row.trainer == "SliceInteractionFineTuningTrainer" else []) \
+                    + ([cnn_base] if row.from_cnn_base else [])
                 weights = (self.checkpoint(PRETRAINING_CTPET, "SliceInteractionTrainer", self.configs[row.kind])
-                           if row.trainer == "SliceInteractionFineTuningTrainer" else None)
+                           if row.trainer == "SliceInteractionFineTuningTrainer" else
+                           self.checkpoint(501, CNN_BASE_TRAINER, self.configs[row.kind]) if row.from_cnn_base
+                           else None)
                 self._train(row.dataset, row.trainer, after, weights, config=self.configs[row.kind])
         self._keep_only([self.checkpoint(r.dataset, r.trainer, self.configs[r.kind]) for r in ROWS])
 

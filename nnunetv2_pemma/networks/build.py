@@ -11,7 +11,8 @@ from nnunetv2_pemma.errors import PlansError
 from nnunetv2_pemma.networks.backbones.swin import SwinUNETRSpec, build_swin_unetr
 from nnunetv2_pemma.networks.backbones.unetr import UNETRSpec, build_unetr
 from nnunetv2_pemma.networks.early_fusion import EarlyFusionUNETR
-from nnunetv2_pemma.networks.modality_channels import ModalityChannels
+from nnunetv2_pemma.networks.modality_channels import ModalityChannels, modality_channel_unet
+from nnunetv2_pemma.networks.pemma_cnn import pemma_unet
 from nnunetv2_pemma.networks.pemma_swin import PEMMASwinUNETR
 from nnunetv2_pemma.networks.peers.h2aseg import H2ASeg
 from nnunetv2_pemma.networks.peers.slice_interaction import SliceInteractionNet
@@ -86,3 +87,32 @@ def build_slice_interaction(block: PemmaBlock, unet: nn.Module) -> ModalityChann
         raise PlansError(f"the 2.5D trainer needs a SliceInteraction25D preset, not {spec.architecture}")
     network = SliceInteractionNet(unet, len(MODALITIES), spec.slices, spec.reduction, spec.spatial_kernel)
     return ModalityChannels(network, block.input_modalities, spec.slices)
+
+
+def nnunet_unet(configuration_manager, num_input_channels: int, num_outputs: int,
+                deep_supervision: bool) -> nn.Module:
+    """nnU-Net's own network of the configuration (PlainConvUNet, ResidualEncoderUNet), as nnU-Net builds it."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                  configuration_manager.network_arch_init_kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                  num_outputs, allow_init=True, deep_supervision=deep_supervision)
+
+
+def build_pemma_unet(configuration_manager, num_outputs: int, deep_supervision: bool) -> nn.Module:
+    """nnU-Net's U-Net of the configuration built for one (CT) channel, in its PEMMA form (modality slots CT and
+    PET, conv adapters), fed the dataset's channels."""
+    block = PemmaBlock.of(configuration_manager)
+    unet = nnunet_unet(configuration_manager, 1, num_outputs, deep_supervision)
+    return pemma_unet(unet, block.adaptation, block.input_modalities)
+
+
+def build_modality_channel_unet(configuration_manager, num_outputs: int, deep_supervision: bool,
+                                modality_dropout: bool = True) -> nn.Module:
+    """nnU-Net's U-Net of the configuration over (CT, PET) channels, fed the dataset's channels (an absent one
+    zero), with the preset's modality dropout in training (unless `modality_dropout` is False)."""
+    block = PemmaBlock.of(configuration_manager)
+    unet = nnunet_unet(configuration_manager, len(MODALITIES), num_outputs, deep_supervision)
+    return modality_channel_unet(unet, block.input_modalities,
+                                 block.adaptation.modality_dropout if modality_dropout else None)

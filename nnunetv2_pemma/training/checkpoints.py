@@ -132,3 +132,98 @@ def inherit_modality_normalization(own: PemmaBlock, theirs: dict[str, Any]) -> d
     """Normalisation per modality: this dataset's own, plus the checkpoint's for modalities it lacks (PET after
     a CT-only update), so the updated model still takes every modality it was adapted to."""
     return {**theirs.get("modality_normalization", {}), **own.modality_normalization}
+
+
+def _short(class_name: str) -> str:
+    return class_name.rsplit(".", 1)[-1]
+
+
+def _first_conv_weight(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The first convolution kernel of a state dict (nnU-Net's U-Nets list the input stage first)."""
+    return next(v for v in weights.values() if v.ndim >= 4)
+
+
+def _ct_normalisation(configuration: Any, plans: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(scheme, intensity properties) of the CT channel of a configuration (None without one); a configuration
+    without a "pemma" block is a CT model."""
+    modalities = (configuration.configuration.get(PEMMA_KEY) or {}).get("input_modalities", ["CT"])
+    if "CT" not in modalities:
+        return None
+    i = modalities.index("CT")
+    return configuration.normalization_schemes[i], plans["foreground_intensity_properties_per_channel"].get(str(i))
+
+
+def input_channels_of_unet(checkpoint: dict[str, Any]) -> int:
+    """Input channels of the nnU-Net U-Net in a checkpoint."""
+    return int(_first_conv_weight(checkpoint["network_weights"]).shape[1])
+
+
+def _unet_differences(their: Any, ours: Any, their_plans: dict[str, Any], our_plans: dict[str, Any]) -> list[str]:
+    """What differs between two nnU-Net configurations in what a CT network was trained with: network, spacing,
+    CT normalisation."""
+    if their.network_arch_class_name != ours.network_arch_class_name:
+        return [f"network {_short(their.network_arch_class_name)} (checkpoint) vs "
+                f"{_short(ours.network_arch_class_name)} (this configuration): another plans' U-Net"]
+    mine, other = ours.network_arch_init_kwargs, their.network_arch_init_kwargs
+    out = [f"{k} {other.get(k)} (checkpoint) vs {mine.get(k)} (this configuration)"
+           for k in sorted(set(mine) | set(other)) if other.get(k) != mine.get(k)]
+    if list(their.spacing) != list(ours.spacing):
+        out.append(f"spacing {list(their.spacing)} (checkpoint) vs {list(ours.spacing)} (this configuration)")
+    their_ct, our_ct = (_ct_normalisation(c, p) for c, p in ((their, their_plans), (ours, our_plans)))
+    if their_ct is not None and our_ct is not None and their_ct != our_ct:
+        out.append("CT normalisation differs (another dataset's plans): give this dataset the base's plans with "
+                   "`pemma plans transfer BASE_DATASET THIS_DATASET`")
+    return out
+
+
+def check_unet_checkpoint(path: str | Path, plans: dict[str, Any], configuration_manager: Any, *, expect: str
+                          ) -> dict[str, Any]:
+    """The "pemma" block of a checkpoint of nnU-Net's U-Net ({} for a plain nnU-Net training); CheckpointError
+    naming everything that keeps it from being what the CNN trainer about to run starts from.
+
+    expect: "ct_base" (any nnU-Net CT model: one input channel, named CT, no adapters), "pemma" (a PEMMA CNN
+    model, for a continual update) or "early_fusion" (a two-channel model, for a one-modality update). The base's
+    configuration must hold the same network, spacing and CT normalisation as this one; patch and batch may differ.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_pemma.networks.pemma_cnn import SUPPORTED_UNETS
+
+    checkpoint = load_checkpoint_file(path)
+    trainer = checkpoint.get("trainer_name", "an unknown trainer")
+    init_args = checkpoint.get("init_args") or {}
+    try:
+        their = PlansManager(init_args["plans"]).get_configuration(init_args["configuration"])
+        their_class = their.network_arch_class_name
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{path}: no nnU-Net plans in its init_args (written by {trainer}); expected an "
+                              f"nnU-Net checkpoint_final.pth") from None
+    theirs = their.configuration.get(PEMMA_KEY) or {}
+    their_architecture = theirs.get("model", {}).get("architecture", "nnUNet") if theirs else "nnUNet"
+    if their_architecture != "nnUNet" or _short(their_class) not in SUPPORTED_UNETS:
+        network = their_architecture if their_architecture != "nnUNet" else _short(their_class)
+        raise CheckpointError(f"{path}: written by {trainer}, a {network}, not one of nnU-Net's U-Nets "
+                              f"({', '.join(SUPPORTED_UNETS)}); the CNN trainers start from nnU-Net's own models")
+    differences = _unet_differences(their, configuration_manager, init_args["plans"], plans)
+    weights = checkpoint["network_weights"]
+    has_adapters = any(is_added(k) for k in weights)
+    channels = input_channels_of_unet(checkpoint)
+    if expect == "pemma":
+        if not has_adapters:
+            differences.append(f"no PEMMA adapters: {trainer} wrote a plain U-Net; adapt it with PEMMACNNTrainer "
+                               f"first")
+    elif has_adapters:
+        differences.append(f"it already holds PEMMA adapters ({trainer}); a continual update uses "
+                           f"PEMMACNNContinualTrainer")
+    elif expect == "ct_base":
+        names = list((init_args.get("dataset_json") or {}).get("channel_names", {}).values())
+        if channels != 1:
+            differences.append(f"{channels} input channels {names} (checkpoint) vs 1 (the base must be a CT-only "
+                               f"model)")
+        elif names and str(names[0]).upper() != "CT":
+            differences.append(f"its input channel is {names[0]!r}, not CT (the base must be a CT-only model)")
+    elif expect == "early_fusion" and channels != 2:
+        differences.append(f"{channels} input channel(s) (checkpoint) vs 2 (an early-fusion model)")
+    if differences:
+        raise CheckpointError(f"{path} does not fit this network: " + "; ".join(differences))
+    return theirs

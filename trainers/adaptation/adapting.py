@@ -10,11 +10,13 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2_pemma.config import PemmaBlock
 from nnunetv2_pemma.errors import CheckpointError
 from nnunetv2_pemma.networks.build import build_plain_network
 from nnunetv2_pemma.training.checkpoints import (check_compatible, inherit_modality_normalization,
                                                  pretrained_weights_argument)
+from nnunetv2_pemma.trainers.common import run_by_nnunetv2_train
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
 
@@ -39,10 +41,17 @@ class AdaptingTrainer(UNETRTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        pretrained = pretrained_weights_argument() if run_by_nnunetv2_train() else None
+        if pretrained is not None:  # a file that does not fit is refused before nnU-Net writes its output folder
+            plans_manager = PlansManager(plans)
+            configuration_manager = plans_manager.get_configuration(configuration)
+            block = PemmaBlock.of(configuration_manager)
+            if block.model.architecture == self.architecture:  # else UNETRTrainer names the mismatch
+                self.check_pretrained(pretrained, self.expected_checkpoint(pretrained), self.with_overrides(block),
+                                      plans_manager, configuration_manager)
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.adaptation_overrides:
-            adaptation = dataclasses.replace(self.pemma.adaptation, **self.adaptation_overrides)
-            self._set_pemma(dataclasses.replace(self.pemma, adaptation=adaptation))
+            self._set_pemma(self.with_overrides(self.pemma))
         self._adapted = False
         self._weights_loaded = False
         self._converting = False
@@ -55,9 +64,24 @@ class AdaptingTrainer(UNETRTrainer):
         return dataclasses.replace(self.pemma, modality_normalization=inherit_modality_normalization(self.pemma,
                                                                                                      theirs))
 
-    def expected_checkpoint(self, path: str) -> str:
+    @classmethod
+    def expected_checkpoint(cls, path: str) -> str:
         """Which kind of checkpoint `path` must be ("ct_base", "pemma", "early_fusion")."""
         return "ct_base"
+
+    @classmethod
+    def check_pretrained(cls, path: str, expect: str, block: PemmaBlock, plans_manager: PlansManager,
+                         configuration_manager: ConfigurationManager) -> dict[str, Any]:
+        """The "pemma" block of the `-pretrained_weights` file, expected to be of kind `expect`, for this run's
+        `block`; CheckpointError naming what keeps it from fitting."""
+        return check_compatible(path, block, configuration_manager.patch_size, expect=expect)
+
+    @classmethod
+    def with_overrides(cls, block: PemmaBlock) -> PemmaBlock:
+        """`block` with this trainer variant's ``adaptation_overrides``."""
+        if not cls.adaptation_overrides:
+            return block
+        return dataclasses.replace(block, adaptation=dataclasses.replace(block.adaptation, **cls.adaptation_overrides))
 
     def network_to_load(self, expect: str) -> nn.Module | None:
         """The network a `-pretrained_weights` file of kind `expect` loads into when it is not the one this trainer
@@ -87,7 +111,8 @@ class AdaptingTrainer(UNETRTrainer):
         pretrained = None if self.was_initialized else pretrained_weights_argument()
         if pretrained is not None:
             expect = self.expected_checkpoint(pretrained)
-            theirs = check_compatible(pretrained, self.pemma, self.configuration_manager.patch_size, expect=expect)
+            theirs = self.check_pretrained(pretrained, expect, self.pemma, self.plans_manager,
+                                           self.configuration_manager)
             self._set_pemma(self.inherit(theirs))
             self._pretrained = pretrained
         super().initialize()

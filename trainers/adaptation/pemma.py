@@ -69,7 +69,8 @@ class PEMMAContinualTrainer(PEMMATrainer):
     stage: Stage = "continual"
     _loaded_input_skip_adapter = False  # whether the -pretrained_weights model holds the input-skip adapter
 
-    def expected_checkpoint(self, path: str) -> str:
+    @classmethod
+    def expected_checkpoint(cls, path: str) -> str:
         return "pemma"
 
     def network_to_load(self, expect: str) -> nn.Module | None:

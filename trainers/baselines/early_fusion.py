@@ -22,7 +22,8 @@ class EarlyFusionTrainer(AdaptingTrainer):
         return build_early_fusion(PemmaBlock.of(configuration_manager), num_output_channels,
                                   configuration_manager.patch_size)
 
-    def expected_checkpoint(self, path: str) -> str:
+    @classmethod
+    def expected_checkpoint(cls, path: str) -> str:
         return "ct_base" if input_channels(load_checkpoint_file(path)) == 1 else "early_fusion"
 
     def convert(self, ct_base: nn.Module) -> nn.Module:

@@ -22,8 +22,12 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunetv2_pemma.trainers.adaptation.context_priors import PEMMAPriorTokensTrainer, PEMMAPriorTrainer
 from nnunetv2_pemma.trainers.adaptation.mixture_of_adapters import PEMMAMoATrainer
 from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMADoRATrainer, PEMMATrainer
+from nnunetv2_pemma.networks.build import nnunet_unet
+from nnunetv2_pemma.trainers.adaptation.pemma_cnn import PEMMACNNTrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
+from nnunetv2_pemma.trainers.baselines.early_fusion_cnn import EarlyFusionCNNTrainer
 from nnunetv2_pemma.trainers.network_architecture.h2aseg import H2ASegTrainer
+from nnunetv2_pemma.trainers.network_architecture.nnunet_unet import nnUNetChannelDropoutTrainer, nnUNetPresetTrainer
 from nnunetv2_pemma.trainers.network_architecture.slice_interaction import SliceInteractionTrainer
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 
@@ -105,6 +109,22 @@ class FromCTBase(StepTiming):
         self._adapt()
 
 
+class FromCNNBase(StepTiming):
+    """Mixin for an adapting trainer whose start is a CT model of nnU-Net's U-Net (PEMMA and early fusion on the
+    CNN): in-process what `nnUNetv2_train -pretrained_weights` does with it, the whole file loaded into nnU-Net's
+    one-channel U-Net of this configuration, converted, frozen, a new optimiser."""
+
+    def load_start(self, pretrained_weights: Path) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        self._pretrained = str(pretrained_weights)
+        ct_base = nnunet_unet(self.configuration_manager, 1, self.label_manager.num_segmentation_heads,
+                              self.enable_deep_supervision)
+        self.start_from(ct_base, str(pretrained_weights))
+        self.network = self.convert(ct_base.to(self.device))
+        self._adapt()
+
+
 class UNETRTrainer_stepTiming(StepTiming, UNETRTrainer):
     """The CT UNETR (CT base): everything trains."""
 
@@ -139,6 +159,22 @@ class EarlyFusionTrainer_stepTiming(FromCTBase, EarlyFusionTrainer):
 
 class nnUNetTrainer_stepTiming(StepTiming, nnUNetTrainer):
     """nnU-Net's own trainer and U-Net (a 3d_fullres configuration): deep supervision, SGD."""
+
+
+class nnUNetPresetTrainer_stepTiming(StepTiming, nnUNetPresetTrainer):
+    """nnU-Net's U-Net under a preset (the CT base of the CNN forms): everything trains."""
+
+
+class nnUNetChannelDropoutTrainer_stepTiming(StepTiming, nnUNetChannelDropoutTrainer):
+    """nnU-Net's U-Net from scratch on CT+PET with channel dropout."""
+
+
+class PEMMACNNTrainer_stepTiming(FromCNNBase, PEMMACNNTrainer):
+    """PEMMA on nnU-Net's U-Net from its CT base: the PET slot and the conv adapters train."""
+
+
+class EarlyFusionCNNTrainer_stepTiming(FromCNNBase, EarlyFusionCNNTrainer):
+    """Early fusion on nnU-Net's U-Net from its CT base: first convolution widened, everything trains."""
 
 
 class H2ASegTrainer_stepTiming(StepTiming, H2ASegTrainer):

@@ -64,7 +64,8 @@ class SurvivalTraining:
             network.set_clinical(None)
             self.loss.targets = None
 
-    def expected_checkpoint(self, path: str) -> str:
+    @classmethod
+    def expected_checkpoint(cls, path: str) -> str:
         """As the adapted trainer's, once the file is known to hold a survival head (a segmentation-only model
         cannot start prognosis: its head would be random and frozen)."""
         weights = load_checkpoint_file(path)["network_weights"]
@@ -165,7 +166,8 @@ class EarlyFusionClinicalTrainer(EarlyFusionSurvivalTrainer):
         return build_survival_early_fusion(PemmaBlock.of(configuration_manager), num_output_channels,
                                            configuration_manager.patch_size, clinical=True)
 
-    def expected_checkpoint(self, path: str) -> str:
+    @classmethod
+    def expected_checkpoint(cls, path: str) -> str:
         kind = super().expected_checkpoint(path)
         if kind != "early_fusion":
             raise CheckpointError(f"{path} is a CT-only model; EarlyFusionClinicalTrainer continues from an "

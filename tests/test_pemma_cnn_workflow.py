@@ -1,0 +1,161 @@
+"""PEMMA on nnU-Net's U-Net through nnU-Net's commands on the session's phantom workflow (unet_tiny preset): a CT
+base of nnU-Net's own network, PEMMA on it, a CT-only continual update, the channel-dropout U-Net from scratch and
+early fusion from the base; prediction with CT, PET or both; adapter files; one-line refusals of bases that do not
+fit, with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import CNN_CONFIG, CT_HGJ, CTPET_MDA, run_cli, run_ok, weights
+from nnunetv2_pemma.adaptation.methods import added_by, is_added
+
+pytestmark = pytest.mark.slow
+
+CONFIG, CTPET = CNN_CONFIG, CTPET_MDA
+
+
+def test_the_base_stays_bit_identical_and_only_the_pet_slot_and_adapters_are_new(cnn_models: dict) -> None:
+    base, adapted = weights(cnn_models["base"]), weights(cnn_models["adapted"])
+    assert set(base) <= set(adapted)
+    assert all(torch.equal(adapted[k], v) for k, v in base.items())  # the segmentation heads included
+    assert {added_by(k) for k in adapted if k not in base} == {"pet_", "conv_lora_"}
+    assert any(adapted[k].abs().sum() > 0 for k in adapted if "conv_lora_B" in k)  # the adapters trained
+
+
+def test_a_ct_only_update_trains_the_adapters_alone(cnn_models: dict) -> None:
+    adapted, continual = weights(cnn_models["adapted"]), weights(cnn_models["continual"])
+    assert adapted.keys() == continual.keys()
+    changed = {k for k in adapted if not torch.equal(adapted[k], continual[k])}
+    assert changed and {added_by(k) for k in changed} == {"conv_lora_"}
+
+
+def _inputs(env: dict[str, str], modalities: list[str], folder: Path) -> str:
+    images = Path(env["nnUNet_raw"]) / CTPET / "imagesTs"
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    folder.mkdir(parents=True)
+    for i, m in enumerate(modalities):
+        (folder / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
+    return case
+
+
+def _segmentation(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_nnunetv2_predict_takes_ct_and_pet(cnn_models: dict, tmp_path: Path) -> None:
+    env = cnn_models["env"]
+    case = _inputs(env, ["CT", "PET"], tmp_path / "in")
+    run_ok(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", CONFIG,
+            "-tr", "PEMMACNNTrainer", "-f", "0", "-device", "cpu", "--disable_tta"], env)
+    ct = _segmentation(Path(env["nnUNet_raw"]) / CTPET / "imagesTs" / f"{case}_0000.nii.gz")
+    seg = _segmentation(tmp_path / "out" / f"{case}.nii.gz")
+    assert seg.shape == ct.shape and set(np.unique(seg)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("trainer, dataset", [("PEMMACNNTrainer", "502"), ("PEMMACNNContinualTrainer", "503"),
+                                              ("nnUNetChannelDropoutTrainer", "502"),
+                                              ("EarlyFusionCNNTrainer", "502")])
+@pytest.mark.parametrize("modalities", [["CT"], ["PET"]])
+def test_pemma_predict_takes_one_modality(cnn_models: dict, tmp_path: Path, trainer: str, dataset: str,
+                                          modalities: list[str]) -> None:
+    """One model for CT, PET or both, also after an update whose data had CT alone."""
+    env = cnn_models["env"]
+    case = _inputs(env, modalities, tmp_path / "in")
+    run_ok(["pemma", "predict", "-np", "0", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", dataset,
+            "-c", CONFIG, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "--modalities",
+            *modalities], env)
+    ct = _segmentation(Path(env["nnUNet_raw"]) / CTPET / "imagesTs" / f"{case}_0000.nii.gz")
+    assert _segmentation(tmp_path / "out" / f"{case}.nii.gz").shape == ct.shape
+
+
+def test_apply_adapter_rebuilds_the_adapted_checkpoint(cnn_models: dict, tmp_path: Path) -> None:
+    adapter = cnn_models["adapted"].parent / "adapter_final.safetensors"
+    run_ok(["pemma", "apply-adapter", "--base", str(cnn_models["base"]), "--adapter", str(adapter), "--out",
+            str(tmp_path / "merged")], cnn_models["env"])
+    merged, adapted = weights(tmp_path / "merged" / "fold_0" / "checkpoint_final.pth"), weights(cnn_models["adapted"])
+    assert merged.keys() == adapted.keys() and all(torch.equal(merged[k], adapted[k]) for k in adapted)
+
+
+def test_early_fusion_starts_from_the_base_with_a_pet_kernel(cnn_models: dict) -> None:
+    base, fused = weights(cnn_models["base"]), weights(cnn_models["fusion"])
+    first = next(iter(base))
+    assert base[first].shape[1] == 1 and fused[first].shape[1] == 2
+    assert set(fused) == set(base) and not any(is_added(k) for k in fused)
+    assert weights(cnn_models["dropout"])[first].shape[1] == 2
+
+
+def _refused(env: dict[str, str], tmp_path: Path, trainer: str, dataset: str, checkpoint: Path, fold: int) -> str:
+    """Run a training that must be refused before nnU-Net writes anything; returns its one-line message."""
+    folder = Path(env["nnUNet_results"]) / (CTPET if dataset == "502" else CT_HGJ) / \
+        f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{fold}"
+    proc = run_cli(["nnUNetv2_train", dataset, CONFIG, str(fold), "-tr", trainer, "-device", "cpu",
+                    "-pretrained_weights", str(checkpoint)], env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("nnUNetv2_train: error: ")]
+    assert len(ours) == 1 and "Traceback" not in proc.stderr
+    assert not folder.exists()  # nothing written: the check runs before nnU-Net makes its output folder
+    return ours[0]
+
+
+def test_a_base_with_two_input_channels_is_refused(cnn_models: dict, tmp_path: Path) -> None:
+    line = _refused(cnn_models["env"], tmp_path, "PEMMACNNTrainer", "502", cnn_models["dropout"], fold=1)
+    assert "2 input channels ['CT', 'PET'] (checkpoint) vs 1" in line
+
+
+def test_a_foreign_base_is_refused(cnn_models: dict, tmp_path: Path) -> None:
+    line = _refused(cnn_models["env"], tmp_path, "PEMMACNNTrainer", "502", cnn_models["unetr_base"], fold=2)
+    assert "written by UNETRTrainer, a UNETR, not one of nnU-Net's U-Nets" in line
+
+
+def _untrained_ct_model(env: dict[str, str], plans_name: str, path: Path) -> Path:
+    """A CT model of 501's 3d_fullres in nnU-Net's checkpoint layout: the network nnU-Net builds from the plans
+    `plans_name`, written as nnUNetTrainer.save_checkpoint writes it (weights, trainer name, init_args)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    ct_dataset = Path(env["nnUNet_preprocessed"]) / "Dataset501_HNC_CT"
+    plans = json.loads((ct_dataset / f"{plans_name}.json").read_text())
+    cm = PlansManager(plans).get_configuration("3d_fullres")
+    network = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=True)
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": json.loads((ct_dataset / "dataset.json").read_text())}}, path)
+    return path
+
+
+def test_any_nnunet_ct_model_of_the_same_network_is_a_base(cnn_models: dict, tmp_path: Path) -> None:
+    """nnU-Net's own trainer on 3d_fullres and the adaptation's configuration (another patch and budget) share
+    network, spacing and CT normalisation."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_pemma.training.checkpoints import check_unet_checkpoint
+
+    env = cnn_models["env"]
+    base = _untrained_ct_model(env, "nnUNetPlans", tmp_path / "base.pth")
+    plans = json.loads((Path(env["nnUNet_preprocessed"]) / CTPET / "nnUNetPlans.json").read_text())
+    assert check_unet_checkpoint(base, plans, PlansManager(plans).get_configuration(CONFIG), expect="ct_base") == {}
+
+
+def test_a_base_of_another_plans_is_refused(cnn_models: dict, tmp_path: Path) -> None:
+    """A ResEnc M CT network (nnU-Net's ResEnc planner) for a configuration of the default plans."""
+    env = cnn_models["env"]
+    run_ok(["nnUNetv2_plan_experiment", "-d", "501", "-pl", "nnUNetPlannerResEncM"],
+           {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"})
+    resenc = _untrained_ct_model(env, "nnUNetResEncUNetMPlans", tmp_path / "resenc_base.pth")
+    line = _refused(env, tmp_path, "PEMMACNNTrainer", "502", resenc, fold=3)
+    assert "network ResidualEncoderUNet (checkpoint) vs PlainConvUNet (this configuration)" in line
+
+
+def test_an_adapted_model_is_refused_as_a_base_and_a_base_as_an_adapted_model(cnn_models: dict, tmp_path: Path) -> None:
+    line = _refused(cnn_models["env"], tmp_path, "PEMMACNNTrainer", "502", cnn_models["adapted"], fold=4)
+    assert "already holds PEMMA adapters" in line and "PEMMACNNContinualTrainer" in line
+    line = _refused(cnn_models["env"], tmp_path, "PEMMACNNContinualTrainer", "503", cnn_models["base"], fold=1)
+    assert "no PEMMA adapters" in line
