@@ -16,9 +16,9 @@ PEMMACNNContinualTrainer) is scored on MDA before and after, and its base tensor
 
 Budgets (iterations of batch 2, 32^3 patches) are arguments: the CT base gets `--base-iterations`, every other
 training `--iterations`. Results go to OUT/pemma_cnn.json (resumable: finished trainings and scores are kept),
-OUT/pemma_cnn.md and OUT/learning_curve.png.
+OUT/pemma_cnn.md and OUT/learning_curve.png. Trainings run two at a time with one thread each (`--jobs`).
 
-    python benchmarks/pemma_cnn.py OUT [--base-iterations 1000] [--iterations 500]
+    python benchmarks/pemma_cnn.py OUT [--base-iterations 1000] [--iterations 500] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from nnunetv2_pemma.adaptation.methods import is_added
 from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.evaluation.intervals import paired_difference
 from nnunetv2_pemma.experiments.evaluation_cases import evaluation_cases
@@ -75,7 +74,7 @@ def preset(out: Path, name: str, iterations: int) -> Path:
 class Bench:
     def __init__(self, out: Path, base_iterations: int, iterations: int) -> None:
         self.out = out
-        self.env = {**nnunet_environment(out / "nnunet", "cpu"), "PEMMA_SEED": "0"}
+        self.env = {**nnunet_environment(out / "nnunet", "cpu"), "PEMMA_SEED": "0", "PEMMA_CPU_THREADS": "1"}
         os.environ.update(self.env)  # the in-process predictions read nnU-Net's folders
         self.log = out / "commands.log"
         self.record_file = out / "pemma_cnn.json"
@@ -84,6 +83,7 @@ class Bench:
         self.base_preset = preset(out, "cnn_base", base_iterations)
         self.adapt_preset = preset(out, "cnn_adapt", iterations)
         self.base_config, self.config = "3d_fullres_cnn_base", "3d_fullres_cnn_adapt"
+        self.seconds: dict[str, float] = {}
 
     def save(self) -> None:
         self.record_file.write_text(json.dumps(self.record, indent=1))
@@ -123,13 +123,39 @@ class Bench:
         (self.out / "prepared").write_text("")
 
     def train(self, number: int, trainer: str, config: str, fold: int, weights: Path | None = None) -> Path:
+        """Train unless done; a training another process holds (its lock file) is waited for."""
         done = self.checkpoint(number, trainer, config, fold)
-        if not done.is_file():
-            args = ["nnUNetv2_train", str(number), config, str(fold), "-tr", trainer, "-device", "cpu"]
-            seconds = self.cmd(*args, *(["-pretrained_weights", str(weights)] if weights else []))
-            self.record["train_seconds"][f"{trainer} {number} fold {fold}"] = round(seconds, 1)
-            self.save()
+        lock = self.out / "locks" / f"{number}_{trainer}_{config}_{fold}"
+        lock.parent.mkdir(exist_ok=True)
+        if weights is not None:
+            while not weights.is_file():  # its start is another job's training
+                time.sleep(10)
+        if done.is_file():
+            return done
+        try:
+            lock.touch(exist_ok=False)
+        except FileExistsError:
+            while not done.is_file():
+                time.sleep(10)
+            return done
+        args = ["nnUNetv2_train", str(number), config, str(fold), "-tr", trainer, "-device", "cpu"]
+        seconds = self.cmd(*args, *(["-pretrained_weights", str(weights)] if weights else []))
+        self.seconds[f"{trainer} {number} fold {fold}"] = round(seconds, 1)
+        lock.unlink()
         return done
+
+    def train_all(self, jobs: list[tuple[int, str, int, Path | None]], workers: int) -> None:
+        """The trainings (dataset, trainer, fold, start), `workers` at a time in submission order; one thread each
+        (PEMMA_CPU_THREADS=1) when more than one runs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [pool.submit(self.train, n, t, self.base_config if n == 501 else self.config, f, w)
+                       for n, t, f, w in jobs]
+            for future in futures:
+                future.result()
+        self.record["train_seconds"].update(self.seconds)
+        self.save()
 
     def score(self, key: str, number: int, trainer: str, config: str, fold: int, infer: str) -> dict:
         """GTVp/GTVn Dice of a model on MDA's labelled test cases with input `infer`."""
@@ -238,35 +264,38 @@ def main() -> None:
     parser.add_argument("--base-iterations", type=int, default=1000)
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--skip-curve", action="store_true", help="the 24-case comparison and the update only")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(out, args.base_iterations, args.iterations)
     bench.prepare()
-    base = bench.train(501, "nnUNetPresetTrainer", bench.base_config, 0)
+    base = bench.checkpoint(501, "nnUNetPresetTrainer", bench.base_config, 0)
+    adapted = bench.checkpoint(502, "PEMMACNNTrainer", bench.config, 0)
+    jobs = [(501, "nnUNetPresetTrainer", 0, None), (502, "nnUNetChannelDropoutTrainer", 0, None),
+            (502, "PEMMACNNTrainer", 0, base), (502, "EarlyFusionCNNTrainer", 0, base),
+            (503, "PEMMACNNContinualTrainer", 0, adapted), (502, "PEMMACNNTrainer_trainNorms", 0, base)]
+    if not args.skip_curve:
+        jobs += [(502, trainer, fold, base if trainer in FROM_BASE else None)
+                 for fold in CURVE for trainer in METHODS.values()]
+    bench.train_all(jobs, args.jobs)
     bench.score("CT base", 501, "nnUNetPresetTrainer", bench.base_config, 0, "C")
-    trained = {}
-    for label, trainer in METHODS.items():
-        trained[label] = bench.train(502, trainer, bench.config, 0, base if trainer in FROM_BASE else None)
+    for label, trainer in {**METHODS, "PEMMA (CNN), norms trained": "PEMMACNNTrainer_trainNorms"}.items():
         for infer in INPUTS:
             bench.score(label, 502, trainer, bench.config, 0, infer)
-    update = bench.train(503, "PEMMACNNContinualTrainer", bench.config, 0, trained["PEMMA (CNN)"])
     for infer in INPUTS:
         bench.score("PEMMA (CNN) after CT-only HGJ update", 503, "PEMMACNNContinualTrainer", bench.config, 0, infer)
+    update = bench.checkpoint(503, "PEMMACNNContinualTrainer", bench.config, 0)
     base_weights = torch.load(base, map_location="cpu", weights_only=False)["network_weights"]
     updated = torch.load(update, map_location="cpu", weights_only=False)["network_weights"]
-    adapted = torch.load(trained["PEMMA (CNN)"], map_location="cpu", weights_only=False)["network_weights"]
+    adapted_weights = torch.load(adapted, map_location="cpu", weights_only=False)["network_weights"]
     bench.record["update_base_bit_identical"] = all(torch.equal(updated[k], v) for k, v in base_weights.items())
-    bench.record["update_pet_slot_bit_identical"] = all(torch.equal(updated[k], v) for k, v in adapted.items()
-                                                        if "pet_" in k)
+    bench.record["update_pet_slot_bit_identical"] = all(torch.equal(updated[k], v)
+                                                        for k, v in adapted_weights.items() if "pet_" in k)
     bench.save()
-    bench.train(502, "PEMMACNNTrainer_trainNorms", bench.config, 0, base)
-    for infer in INPUTS:
-        bench.score("PEMMA (CNN), norms trained", 502, "PEMMACNNTrainer_trainNorms", bench.config, 0, infer)
     if not args.skip_curve:
         for fold in CURVE:
             for label, trainer in METHODS.items():
-                bench.train(502, trainer, bench.config, fold, base if trainer in FROM_BASE else None)
                 bench.score(f"{label} fold {fold}", 502, trainer, bench.config, fold, "CP")
     print(report(bench, not args.skip_curve))
 

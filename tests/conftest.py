@@ -45,6 +45,16 @@ def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subpr
     return proc
 
 
+def first_case_inputs(images: Path, modalities: list[str], folder: Path) -> str:
+    """The first case of a raw images folder (channels CT = 0, PET = 1) as a prediction input folder holding
+    `modalities`, renumbered from _0000; returns the case id."""
+    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
+    folder.mkdir(parents=True)
+    for i, m in enumerate(modalities):
+        (folder / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
+    return case
+
+
 def train_step(net: torch.nn.Module, x: torch.Tensor, classes: int = 3) -> None:
     """One AdamW step over the trainable parameters on random labels: enough to see which weights move."""
     net.train()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CONFIG, checkpoint_of, run_cli, run_ok
+from conftest import CONFIG, first_case_inputs, run_cli, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +45,7 @@ def peers(workflow: dict) -> dict:
 
 def _inputs(env: dict[str, str], folder: Path, modalities: list[str]) -> str:
     """The first 502 case's images for `modalities`, as a prediction input folder; returns the case id."""
-    images = Path(env["nnUNet_raw"]) / CTPET / "imagesTr"
-    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
-    folder.mkdir(parents=True)
-    for i, m in enumerate(modalities):
-        (folder / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
-    return case
+    return first_case_inputs(Path(env["nnUNet_raw"]) / CTPET / "imagesTr", modalities, folder)
 
 
 def _labels(path: Path) -> set[int]:

@@ -231,3 +231,17 @@ def test_modality_channel_unet_fills_an_absent_modality_with_zero() -> None:
         net.train()  # every sample drawn "PET only": CT zeroed
         assert torch.equal(net(torch.cat([torch.randn_like(pet), pet], 1))[0], expected)
     assert set(net.state_dict()) == set(unet.state_dict())
+
+
+def test_parameter_rows_of_a_trained_cnn() -> None:
+    from nnunetv2_pemma.evaluation.parameters import format_parameter_table, measure_trained
+
+    base, net = adapted("PlainConvUNet")
+    rows = measure_trained(net)
+    phi = sum(p.numel() for p in base.parameters())
+    assert [r["method"].split(" ")[0] for r in rows] == ["CT", "Early", "Late", "PEMMA"]
+    assert rows[0]["total"] == phi and rows[2]["total"] == 2 * phi
+    assert rows[1]["total"] == phi + 8 * 1 * 3 * 3  # one more input channel in the 8 1x3x3 first kernels
+    assert rows[-1]["trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert 0 < rows[-1]["adapter_bytes"] < rows[-1]["checkpoint_bytes"]
+    assert "PEMMA (conv_lora, r=2, PET slot)" in format_parameter_table(rows)

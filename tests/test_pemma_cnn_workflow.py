@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CNN_CONFIG, CT_HGJ, CTPET_MDA, run_cli, run_ok, weights
+from conftest import CNN_CONFIG, CT_HGJ, CTPET_MDA, first_case_inputs, run_cli, run_ok, weights
 from nnunetv2_pemma.adaptation.methods import added_by, is_added
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,7 @@ def test_a_ct_only_update_trains_the_adapters_alone(cnn_models: dict) -> None:
 
 
 def _inputs(env: dict[str, str], modalities: list[str], folder: Path) -> str:
-    images = Path(env["nnUNet_raw"]) / CTPET / "imagesTs"
-    case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
-    folder.mkdir(parents=True)
-    for i, m in enumerate(modalities):
-        (folder / f"{case}_{i:04d}.nii.gz").symlink_to(images / f"{case}_{['CT', 'PET'].index(m):04d}.nii.gz")
-    return case
+    return first_case_inputs(Path(env["nnUNet_raw"]) / CTPET / "imagesTs", modalities, folder)
 
 
 def _segmentation(path: Path) -> np.ndarray:

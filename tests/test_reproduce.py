@@ -60,6 +60,24 @@ def test_demo_scope_keeps_the_claims_jobs(tmp_path: Path) -> None:
     assert "convert 512 HNC_CTPET_HGJ" in protocol.jobs and "plans transfer 501->512" not in protocol.jobs
 
 
+def test_a_unet_preset_reproduces_the_cnn_forms(tmp_path: Path) -> None:
+    """`--preset unet_demo`: the same protocol on nnU-Net's U-Net, every form from one CT base of it."""
+    protocol = Protocol(tmp_path, tmp_path / "hecktor", "unet_demo", "cpu", scope="demo")
+    config = "3d_fullres_unet_demo"
+    names = {j.name for j in _trainings(protocol)}
+    assert names == {f"train {t} {config} on {d}" for t, d in (
+        ("nnUNetPresetTrainer", 501), ("PEMMACNNTrainer", 502), ("EarlyFusionCNNTrainer", 502),
+        ("nnUNetPresetTrainer", 503), ("PEMMACNNContinualTrainer", 511), ("EarlyFusionCNNTrainer", 511),
+        ("nnUNetPresetTrainer", 511))}
+    base = str(protocol.checkpoint(501, "nnUNetPresetTrainer", config))
+    for trainer in ("PEMMACNNTrainer", "EarlyFusionCNNTrainer"):
+        assert base in protocol.jobs[f"train {trainer} {config} on 502"].argv
+    late = [m for m in protocol.models if m.method == "Late fusion"]
+    assert late and all(m.trainer == m.pet_trainer == "nnUNetPresetTrainer" for m in late)
+    with pytest.raises(PemmaError, match="UNETR forms"):
+        Protocol(tmp_path, tmp_path / "hecktor", "unet_demo", "cpu", scope="demo", adapter_methods=["input_skip"])
+
+
 def test_unknown_scope(tmp_path: Path) -> None:
     with pytest.raises(PemmaError, match="scope 'all'"):
         Protocol(tmp_path, tmp_path / "hecktor", "demo", "cpu", scope="all")

@@ -41,11 +41,13 @@ def fold_adapters(net: M) -> M:
         ``net`` itself (modified in place), for chaining.
     """
     plain: dict[int, nn.Module] = {}  # one plain layer per adapter, wherever it is registered (nnU-Net: twice)
-    for name, layer in [(n, m) for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, FOLDED_BY_PLAIN)]:
+    layers = [(n, m) for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, FOLDED_BY_PLAIN)]
+    for name, layer in layers:
         if not name:
             raise TypeError(f"cannot merge a {type(layer).__name__} in place of itself: use its plain()")
         parent_name, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, child, plain.setdefault(id(layer), layer.plain()))
+        parent = net.get_submodule(parent_name) if parent_name else net
+        setattr(parent, child, plain.setdefault(id(layer), layer.plain()))
     targets = [(name, m) for name, m in net.named_modules() if isinstance(m, LoRAQKVLinear)]
     if any(not name for name, _ in targets):
         raise TypeError("cannot merge a LoRA layer in place of itself: use nn.Linear with its merged_weight()")

@@ -100,6 +100,33 @@ def measure(preset_name: str) -> list[dict]:
     return rows
 
 
+def measure_trained(pemma: torch.nn.Module) -> list[dict]:
+    """`measure`'s rows for a PEMMA network whose backbone comes from nnU-Net's plans (nnU-Net's U-Net, built by
+    its trainer from a trained model's plans.json): the CT base, early fusion (the base's first kernel widened by
+    one channel), late fusion and PEMMA."""
+    train_only(pemma, "adaptation")
+    total, trainable = count_parameters(pemma)
+    base = {n: p for n, p in pemma.named_parameters() if not is_added(n)}
+    phi = sum(p.numel() for p in base.values())
+    first_kernel = next(p for p in base.values() if p.ndim >= 4)
+    description = _describe(pemma.adaptation) + (", norm shifts" if pemma.adaptation.train_norms else "")
+    rows = [{"method": f"CT {pemma.backbone_name} (base, Phi)", "trainable": phi, "total": phi, "paper": ""},
+            {"method": "Early fusion", "trainable": phi + first_kernel.numel(), "total": phi + first_kernel.numel(),
+             "paper": ""},
+            {"method": f"Late fusion (CT + PET {pemma.backbone_name})", "trainable": phi, "total": 2 * phi,
+             "paper": ""},
+            {"method": f"PEMMA ({description}, PET slot)", "trainable": trainable, "total": total, "paper": ""}]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter.safetensors"
+        save_file({k: v.detach().clone().contiguous() for k, v in pemma.state_dict().items() if is_added(k)},
+                  str(adapter))
+        rows[-1]["adapter_bytes"] = adapter.stat().st_size
+        rows[-1]["checkpoint_bytes"] = _checkpoint_bytes(pemma)
+    for r in rows:
+        r["trainable_over_phi"] = r["trainable"] / phi
+    return rows
+
+
 def format_parameter_table(rows: list[dict]) -> str:
     lines = ["| method | trainable | total | trainable / Phi | paper |", "|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['trainable']:,} | {r['total']:,} | {r['trainable_over_phi']:.4f} | {r['paper']} |"

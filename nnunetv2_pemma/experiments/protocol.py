@@ -44,6 +44,25 @@ SCOPES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 @dataclass(frozen=True)
+class Trainers:
+    """The trainers of the reproduction's forms on one backbone."""
+
+    base: str  # the CT base, the PET model of late fusion and the CT model it fine-tunes
+    pemma: str
+    pemma_continual: str
+    early_fusion: str  # adaptation and one-modality updates
+
+
+UNETR_TRAINERS = Trainers("UNETRTrainer", "PEMMATrainer", "PEMMAContinualTrainer", "EarlyFusionTrainer")
+CNN_TRAINERS = Trainers("nnUNetPresetTrainer", "PEMMACNNTrainer", "PEMMACNNContinualTrainer", "EarlyFusionCNNTrainer")
+"""On nnU-Net's own U-Net (a preset of architecture "nnUNet", e.g. `--preset unet_demo`)."""
+
+
+def trainers_of(preset: str) -> Trainers:
+    return CNN_TRAINERS if load_preset(preset).model.architecture == "nnUNet" else UNETR_TRAINERS
+
+
+@dataclass(frozen=True)
 class Model:
     """One trained model of the Table 2 matrix: how to predict CP, C and P with it."""
 
@@ -54,8 +73,9 @@ class Model:
     dataset: int  # the trained dataset (for PEMMA/early fusion), or the CT model's (late fusion)
     trainer: str
     config: str
-    pet_dataset: int | None = None  # late fusion: the PET model's dataset and configuration
+    pet_dataset: int | None = None  # late fusion: the PET model's dataset, configuration and trainer
     pet_config: str | None = None
+    pet_trainer: str = "UNETRTrainer"
 
 
 class Protocol:
@@ -70,6 +90,9 @@ class Protocol:
             raise PemmaError(f"reproduce: adapter methods {unknown} are not among {sorted(ADAPTER_METHODS)}")
         self.out, self.data, self.preset_name, self.device, self.scope = out, data, preset, device, scope
         self.adapter_methods = tuple(adapter_methods)
+        self.trainers = trainers_of(preset)
+        if self.adapter_methods and self.trainers is CNN_TRAINERS:
+            raise PemmaError(f"reproduce: --adapter-methods are UNETR forms; preset {preset} is nnU-Net's U-Net")
         self.config = load_preset(preset).configuration
         # models trained from scratch (CT base, PET model) may have a longer preset of the same network
         self.base_preset = f"{preset}_base" if f"{preset}_base" in preset_names() else preset
@@ -128,18 +151,19 @@ class Protocol:
                                  success_marker(self.out / "logs", "plans add 501 base"), [plan]))
         add = self._add(Job("plans add 501", ["pemma", "plans", "add", "501", "--preset", self.preset_name],
                             success_marker(self.out / "logs", "plans add 501"), [add_base]))
-        base_job = self._train(501, "UNETRTrainer", [add], config=self.base_config)
-        base = self.checkpoint(501, "UNETRTrainer", self.base_config)
+        t = self.trainers
+        base_job = self._train(501, t.base, [add], config=self.base_config)
+        base = self.checkpoint(501, t.base, self.base_config)
 
         cp = self._transfer(502, [self._convert(502, "HNC_CTPET_MDA", ADAPTATION_CENTRES, ["CT", "PET"], [add])])
         p = self._transfer(503, [self._convert(503, "HNC_PET_MDA", ADAPTATION_CENTRES, ["PET"], [add])])
-        pemma = self._train(502, "PEMMATrainer", [cp, base_job], base)
-        early = self._train(502, "EarlyFusionTrainer", [cp, base_job], base)
-        pet_model = self._train(503, "UNETRTrainer", [p], config=self.base_config)
+        pemma = self._train(502, t.pemma, [cp, base_job], base)
+        early = self._train(502, t.early_fusion, [cp, base_job], base)
+        pet_model = self._train(503, t.base, [p], config=self.base_config)
         cfg, base_cfg = self.config, self.base_config
-        adapted = [Model("Late fusion", ADAPTATION, "CP", 501, "UNETRTrainer", base_cfg, 503, base_cfg),
-                   Model("Early fusion", ADAPTATION, "CP", 502, "EarlyFusionTrainer", cfg),
-                   Model("PEMMA", ADAPTATION, "CP", 502, "PEMMATrainer", cfg)]
+        adapted = [Model("Late fusion", ADAPTATION, "CP", 501, t.base, base_cfg, 503, base_cfg, t.base),
+                   Model("Early fusion", ADAPTATION, "CP", 502, t.early_fusion, cfg),
+                   Model("PEMMA", ADAPTATION, "CP", 502, t.pemma, cfg)]
         # PEMMA with another adaptation method: (row name, its adaptation job, its continual trainer)
         others = []
         for method in self.adapter_methods:
@@ -155,7 +179,7 @@ class Protocol:
             convert_cp = self._convert(cp_id, f"HNC_CTPET_{centre}", [centre], ["CT", "PET"], [add])
             self.jobs[convert_cp].after.append(c501)
             self.models += [Model(m.method, stage, BEFORE, m.dataset, m.trainer, m.config, m.pet_dataset,
-                                  m.pet_config) for m in adapted]
+                                  m.pet_config, m.pet_trainer) for m in adapted]
             ready = {}
             if "C" in trained:
                 ready["C"] = self._transfer(c_id, [self._convert(c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])])
@@ -164,24 +188,24 @@ class Protocol:
             for train, dataset_id in (("C", c_id), ("CP", cp_id)):
                 if train not in ready:
                     continue
-                self._train(dataset_id, "PEMMAContinualTrainer", [ready[train], pemma],
-                            self.checkpoint(502, "PEMMATrainer"))
-                self._train(dataset_id, "EarlyFusionTrainer", [ready[train], early],
-                            self.checkpoint(502, "EarlyFusionTrainer"))
-                updated = [Model("PEMMA", stage, train, dataset_id, "PEMMAContinualTrainer", cfg),
-                           Model("Early fusion", stage, train, dataset_id, "EarlyFusionTrainer", cfg)]
+                self._train(dataset_id, t.pemma_continual, [ready[train], pemma],
+                            self.checkpoint(502, t.pemma))
+                self._train(dataset_id, t.early_fusion, [ready[train], early],
+                            self.checkpoint(502, t.early_fusion))
+                updated = [Model("PEMMA", stage, train, dataset_id, t.pemma_continual, cfg),
+                           Model("Early fusion", stage, train, dataset_id, t.early_fusion, cfg)]
                 for name, adapting_job, continual, adapting in others:
                     self._train(dataset_id, continual, [ready[train], adapting_job], self.checkpoint(502, adapting))
                     updated.append(Model(name, stage, train, dataset_id, continual, cfg))
                 self._add_updated(updated)
             # late fusion: the CT model is fine-tuned on the new CT data; with CP data the PET model is too
-            self._train(c_id, "UNETRTrainer", [ready.get("C") or self._transfer(c_id, [self._convert(
+            self._train(c_id, t.base, [ready.get("C") or self._transfer(c_id, [self._convert(
                 c_id, f"HNC_CT_{centre}", [centre], ["CT"], [add])]), base_job], base)
-            self._add_updated([Model("Late fusion", stage, "C", c_id, "UNETRTrainer", cfg, 503, base_cfg)])
+            self._add_updated([Model("Late fusion", stage, "C", c_id, t.base, cfg, 503, base_cfg, t.base)])
             if "CP" in trained:
                 pj = self._transfer(p_id, [self._convert(p_id, f"HNC_PET_{centre}", [centre], ["PET"], [add])])
-                self._train(p_id, "UNETRTrainer", [pj, pet_model], self.checkpoint(503, "UNETRTrainer", base_cfg))
-                self._add_updated([Model("Late fusion", stage, "CP", c_id, "UNETRTrainer", cfg, p_id, cfg)])
+                self._train(p_id, t.base, [pj, pet_model], self.checkpoint(503, t.base, base_cfg))
+                self._add_updated([Model("Late fusion", stage, "CP", c_id, t.base, cfg, p_id, cfg, t.base)])
 
     def _add_updated(self, updated: list[Model]) -> None:
         """Models trained on a new centre: scored there, and on the adaptation centre's cases."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from nnunetv2_pemma.experiments.claims import DEMO, Tolerances, check_claims
-from nnunetv2_pemma.experiments.protocol import Protocol, nnunet_environment
+from nnunetv2_pemma.experiments.protocol import CNN_TRAINERS, Protocol, nnunet_environment
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_job, run_jobs
 from nnunetv2_pemma.experiments.scoring import score_base, score_models
 from nnunetv2_pemma.experiments.seed_spread import describe, load_spread, setting
@@ -31,6 +31,7 @@ class ReproduceResult:
     trainable_fraction: float
     timings: dict[str, float]
     setting: str  # data source, preset and scope: where its claims' seed spread is recorded (`seed_spread`)
+    parameters: list[dict]  # trainable and total parameters per method (`evaluation.parameters`)
 
 
 P = TypeVar("P")
@@ -77,20 +78,30 @@ def run_protocol(out: Path, preset: str, hecktor: Path | None = None, phantom_ca
     workers = cpu_jobs if device == "cpu" else 1
     rows = score_models(protocol, tta, workers)
     base_row = score_base(protocol, tta, workers)
-    from nnunetv2_pemma.evaluation.parameters import measure
+    parameters = parameter_rows(protocol)
+    return ReproduceResult(out, rows, base_row, parameters[-1]["trainable_over_phi"], timings,
+                           setting(hecktor is None, preset, scope), parameters)
 
-    pemma_row = measure(preset)[-1]
-    return ReproduceResult(out, rows, base_row, pemma_row["trainable_over_phi"], timings,
-                           setting(hecktor is None, preset, scope))
+
+def parameter_rows(protocol: Protocol) -> list[dict]:
+    """Parameter counts per method: from the preset for the transformers; for nnU-Net's U-Net, whose network the
+    plans define, from the trained PEMMA model."""
+    from nnunetv2_pemma.evaluation.parameters import measure, measure_trained
+    from nnunetv2_pemma.inference.predictor import build_predictor
+
+    if protocol.trainers is not CNN_TRAINERS:
+        return measure(protocol.preset_name)
+    folder = protocol.model_folder(502, protocol.trainers.pemma)
+    return measure_trained(build_predictor(folder, [0], None, tta=False).network)
 
 
 def run_reproduce(out: Path, preset: str, tolerances: Tolerances = DEMO, **kwargs) -> str:
     """`run_protocol`, then Table 2's files, parameters.md and claims.txt; returns the report to print."""
-    from nnunetv2_pemma.evaluation.parameters import format_parameter_table, measure
+    from nnunetv2_pemma.evaluation.parameters import format_parameter_table
 
     result = run_protocol(out, preset, **kwargs)
     paths = write_table2(result.rows, result.out)
-    (result.out / "parameters.md").write_text(format_parameter_table(measure(preset)) + "\n")
+    (result.out / "parameters.md").write_text(format_parameter_table(result.parameters) + "\n")
     claims = check_claims(result.rows, tolerances, result.base_row, result.trainable_fraction,
                           load_spread(result.setting))
     lines = [*map(str, claims), describe(result.setting)]

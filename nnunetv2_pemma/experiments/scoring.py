@@ -72,7 +72,7 @@ def _predict(protocol: Protocol, model: Model, infer: str, inputs: Path, out: Pa
 
     if model.method == "Late fusion":
         ct = ModelRef(protocol.dataset_name(model.dataset), model.trainer, model.config)
-        pet = ModelRef(protocol.dataset_name(model.pet_dataset), "UNETRTrainer", model.pet_config)
+        pet = ModelRef(protocol.dataset_name(model.pet_dataset), model.pet_trainer, model.pet_config)
         predict_late_fusion(inputs, out, INFER[infer], ct, pet, w_ct=0.5, device=protocol.device, tta=tta,
                             overwrite=True)  # a run interrupted mid-folder is redone
         return
@@ -188,7 +188,7 @@ def score_base(protocol: Protocol, tta: bool, workers: int = 1) -> dict:
     scored = evaluation_cases(protocol.out / "nnUNet_raw" / protocol.dataset_name(501))
     root = protocol.out / "evaluation" / "ct_base"
     folders = link_inputs(root, scored, ("C",))  # a CT-only dataset
-    base = Model("CT base", "Pre-training", "C", 501, "UNETRTrainer", protocol.base_config)
+    base = Model("CT base", "Pre-training", "C", 501, protocol.trainers.base, protocol.base_config)
     # the base's cases split in halves, one per worker
     halves = [scored.cases[k::max(workers, 1)] for k in range(max(workers, 1))]
     tasks = [PredictionTask(base, "C", folders["C"], root / "ct_base_C", half) for half in halves if half]
