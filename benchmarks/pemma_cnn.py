@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ INPUTS = {"CP": ("CT", "PET"), "C": ("CT",), "P": ("PET",)}
 CURVE = {5: 4, 6: 8, 7: 16}  # extra fold -> training cases (fold 0: all 24)
 METHODS = {"PEMMA (CNN)": "PEMMACNNTrainer", "U-Net, channel dropout": "nnUNetChannelDropoutTrainer",
            "Early fusion (CNN)": "EarlyFusionCNNTrainer"}
+LONG_SCRATCH = "U-Net, channel dropout, CT base's budget"
 FROM_BASE = {"PEMMACNNTrainer", "PEMMACNNTrainer_trainNorms", "EarlyFusionCNNTrainer"}
 
 
@@ -144,18 +146,21 @@ class Bench:
         lock.unlink()
         return done
 
-    def train_all(self, jobs: list[tuple[int, str, int, Path | None]], workers: int) -> None:
-        """The trainings (dataset, trainer, fold, start), `workers` at a time in submission order; one thread each
-        (PEMMA_CPU_THREADS=1) when more than one runs."""
-        from concurrent.futures import ThreadPoolExecutor
+    def train_all(self, jobs: list[tuple[int, str, int, Path | None, str]], workers: int,
+                  done: Callable[[int, str, int, str], None] | None = None) -> None:
+        """The trainings (dataset, trainer, fold, start, configuration), `workers` at a time in submission order;
+        one thread each (PEMMA_CPU_THREADS=1). `done(dataset, trainer, fold, configuration)` runs in this thread as
+        each finishes."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.train, n, t, self.base_config if n == 501 else self.config, f, w)
-                       for n, t, f, w in jobs]
-            for future in futures:
+            futures = {pool.submit(self.train, n, t, c, f, w): (n, t, f, c) for n, t, f, w, c in jobs}
+            for future in as_completed(futures):
                 future.result()
-        self.record["train_seconds"].update(self.seconds)
-        self.save()
+                self.record["train_seconds"].update(self.seconds)
+                self.save()
+                if done is not None:
+                    done(*futures[future])
 
     def score(self, key: str, number: int, trainer: str, config: str, fold: int, infer: str) -> dict:
         """GTVp/GTVn Dice of a model on MDA's labelled test cases with input `infer`."""
@@ -173,11 +178,11 @@ class Bench:
         return self.record["scores"][name]
 
 
-def trainable_parameters(bench: Bench, number: int, trainer: str) -> tuple[int, int]:
+def trainable_parameters(bench: Bench, number: int, trainer: str, config: str) -> tuple[int, int]:
     """(trainable, total) parameters of a trained model's network: PEMMA's adapters and PET slot, or everything."""
     from nnunetv2_pemma.adaptation.methods import train_only
 
-    network = build_predictor(model_folder_of(bench.dataset(number), trainer, bench.config, "nnUNetPlans"), [0],
+    network = build_predictor(model_folder_of(bench.dataset(number), trainer, config, "nnUNetPlans"), [0],
                               None, device="cpu", tta=False).network
     if hasattr(network, "adapter_methods"):
         train_only(network, "adaptation")
@@ -189,32 +194,37 @@ def report(bench: Bench, curve: bool) -> str:
     """pemma_cnn.md: the 24-case table with paired differences, the update, the learning curve (and its PNG)."""
     scores = bench.record["scores"]
     rec = bench.record
-    lines = [f"CT base {rec['base_iterations']} iterations, every other training {rec['iterations']} (batch 2, "
-             f"32^3 patches, 2 CPU cores); Dice on MDA's {scores['CT base | C']['cases']} labelled test cases, "
-             f"mean [95 % bootstrap interval].", "",
+    lines = [f"CT base {rec['base_iterations']} iterations, every other training {rec['iterations']} unless named "
+             f"(batch 2, 32^3 patches, 2 CPU cores); Dice on MDA's {scores['CT base | C']['cases']} labelled test "
+             f"cases, mean [95 % bootstrap interval].", "",
              "| model | trainable / total parameters | input | GTVp | GTVn |", "|---|---|---|---|---|"]
     cell = lambda row, m: f"{row[m]:.3f} [{row[m + '_low']:.2f}, {row[m + '_high']:.2f}]"  # noqa: E731
     trainers = {"CT base": (501, "nnUNetPresetTrainer"), **{k: (502, v) for k, v in METHODS.items()},
+                LONG_SCRATCH: (502, "nnUNetChannelDropoutTrainer"),
                 "PEMMA (CNN), norms trained": (502, "PEMMACNNTrainer_trainNorms")}
     for label, (number, trainer) in trainers.items():
         if number == 501:
             sizes = ""
         else:
-            trainable, total = trainable_parameters(bench, number, trainer)
+            trainable, total = trainable_parameters(bench, number, trainer, bench.base_config if label == LONG_SCRATCH
+                                                    else bench.config)
             sizes = f"{trainable:,} / {total:,} ({100 * trainable / total:.1f} %)"
             bench.record.setdefault("parameters", {})[label] = [trainable, total]
         for infer in ("CP", "C", "P") if number == 502 else ("C",):
             row = scores[f"{label} | {infer}"]
-            lines.append(f"| {label} | {sizes} | {infer} | {cell(row, 'GTVp')} | {cell(row, 'GTVn')} |")
+            lines.append(f"| {label} | {sizes} | {infer} | {cell(row, "Tumor")} | {cell(row, "Lymph")} |")
     lines += ["", "Paired differences of GTVp Dice over the same cases (mean [95 % interval]):", ""]
 
     def diff(a: str, b: str) -> str:
-        est = paired_difference({c: v["GTVp"] for c, v in scores[a]["per_case"].items()},
-                                {c: v["GTVp"] for c, v in scores[b]["per_case"].items()})
+        est = paired_difference({c: v["Tumor"] for c, v in scores[a]["per_case"].items()},
+                                {c: v["Tumor"] for c, v in scores[b]["per_case"].items()})
         return f"{est.mean:+.3f} [{est.low:+.3f}, {est.high:+.3f}]"
 
     pemma = "PEMMA (CNN)"
     checks = [(f"{pemma} | CP", "U-Net, channel dropout | CP", "CT+PET: PEMMA - U-Net from scratch (aim >= -0.03)"),
+              (f"{pemma} | CP", f"{LONG_SCRATCH} | CP",
+               "CT+PET: PEMMA - U-Net from scratch with the CT base's budget (aim >= -0.03)"),
+              (f"{pemma} | P", f"{LONG_SCRATCH} | P", "PET: PEMMA - that U-Net (aim >= -0.05)"),
               (f"{pemma} | C", "CT base | C", "CT: PEMMA - its CT base (aim >= 0)"),
               (f"{pemma} | P", "U-Net, channel dropout | P", "PET: PEMMA - channel-dropout U-Net (aim >= -0.05)"),
               (f"{pemma}, norms trained | CP", f"{pemma} | CP", "norms trained - frozen, CT+PET"),
@@ -236,14 +246,16 @@ def report(bench: Bench, curve: bool) -> str:
                   "|---|" + "---|" * (len(CURVE) + 1)]
         fig, ax = plt.subplots(figsize=(6, 4))
         for label in METHODS:
-            rows = [scores[f"{label} fold {fold} | CP"] for fold in CURVE] + [scores[f"{label} | CP"]]
-            ns = [*CURVE.values(), 24]
-            lines.append(f"| {label} | " + " | ".join(cell(r, "GTVp") for r in rows) + " |")
-            ax.errorbar(ns, [r["GTVp"] for r in rows], yerr=[[r["GTVp"] - r["GTVp_low"] for r in rows],
-                                                            [r["GTVp_high"] - r["GTVp"] for r in rows]],
+            keys = [f"{label} fold {fold} | CP" for fold in CURVE] + [f"{label} | CP"]
+            ns = [n for n, k in zip([*CURVE.values(), 24], keys) if k in scores]
+            rows = [scores[k] for k in keys if k in scores]
+            lines.append(f"| {label} | " + " | ".join(cell(scores[k], "Tumor") if k in scores else "not run"
+                                                      for k in keys) + " |")
+            ax.errorbar(ns, [r["Tumor"] for r in rows], yerr=[[r["Tumor"] - r["Tumor_low"] for r in rows],
+                                                            [r["Tumor_high"] - r["Tumor"] for r in rows]],
                         marker="o", capsize=3, label=label)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xticks([*CURVE.values(), 24], [str(n) for n in [*CURVE.values(), 24]])
         ax.set_xlabel("CT+PET training cases (MDA)")
         ax.set_ylabel("GTVp Dice, CT+PET input")
         ax.set_title(f"{rec['iterations']} iterations each; CT base {rec['base_iterations']}")
@@ -272,19 +284,28 @@ def main() -> None:
     bench.prepare()
     base = bench.checkpoint(501, "nnUNetPresetTrainer", bench.base_config, 0)
     adapted = bench.checkpoint(502, "PEMMACNNTrainer", bench.config, 0)
-    jobs = [(501, "nnUNetPresetTrainer", 0, None), (502, "nnUNetChannelDropoutTrainer", 0, None),
-            (502, "PEMMACNNTrainer", 0, base), (502, "EarlyFusionCNNTrainer", 0, base),
-            (503, "PEMMACNNContinualTrainer", 0, adapted), (502, "PEMMACNNTrainer_trainNorms", 0, base)]
+    c, b = bench.config, bench.base_config
+    jobs = [(501, "nnUNetPresetTrainer", 0, None, b), (502, "nnUNetChannelDropoutTrainer", 0, None, c),
+            (502, "PEMMACNNTrainer", 0, base, c), (502, "EarlyFusionCNNTrainer", 0, base, c),
+            (503, "PEMMACNNContinualTrainer", 0, adapted, c), (502, "PEMMACNNTrainer_trainNorms", 0, base, c),
+            (502, "nnUNetChannelDropoutTrainer", 0, None, b)]  # from scratch with the CT base's budget
     if not args.skip_curve:
-        jobs += [(502, trainer, fold, base if trainer in FROM_BASE else None)
+        jobs += [(502, trainer, fold, base if trainer in FROM_BASE else None, c)
                  for fold in CURVE for trainer in METHODS.values()]
-    bench.train_all(jobs, args.jobs)
+    labels = {trainer: label for label, trainer in METHODS.items()}
+
+    def score_curve(number: int, trainer: str, fold: int, config: str) -> None:
+        if fold in CURVE:  # scored as soon as trained: a run cut short keeps the points it has
+            bench.score(f"{labels[trainer]} fold {fold}", number, trainer, config, fold, "CP")
+
+    bench.train_all(jobs, args.jobs, score_curve)
     bench.score("CT base", 501, "nnUNetPresetTrainer", bench.base_config, 0, "C")
     for label, trainer in {**METHODS, "PEMMA (CNN), norms trained": "PEMMACNNTrainer_trainNorms"}.items():
         for infer in INPUTS:
             bench.score(label, 502, trainer, bench.config, 0, infer)
     for infer in INPUTS:
         bench.score("PEMMA (CNN) after CT-only HGJ update", 503, "PEMMACNNContinualTrainer", bench.config, 0, infer)
+        bench.score(LONG_SCRATCH, 502, "nnUNetChannelDropoutTrainer", bench.base_config, 0, infer)
     update = bench.checkpoint(503, "PEMMACNNContinualTrainer", bench.config, 0)
     base_weights = torch.load(base, map_location="cpu", weights_only=False)["network_weights"]
     updated = torch.load(update, map_location="cpu", weights_only=False)["network_weights"]
@@ -293,10 +314,6 @@ def main() -> None:
     bench.record["update_pet_slot_bit_identical"] = all(torch.equal(updated[k], v)
                                                         for k, v in adapted_weights.items() if "pet_" in k)
     bench.save()
-    if not args.skip_curve:
-        for fold in CURVE:
-            for label, trainer in METHODS.items():
-                bench.score(f"{label} fold {fold}", 502, trainer, bench.config, fold, "CP")
     print(report(bench, not args.skip_curve))
 
 
