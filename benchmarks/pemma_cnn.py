@@ -212,7 +212,7 @@ def report(bench: Bench, curve: bool) -> str:
             bench.record.setdefault("parameters", {})[label] = [trainable, total]
         for infer in ("CP", "C", "P") if number == 502 else ("C",):
             row = scores[f"{label} | {infer}"]
-            lines.append(f"| {label} | {sizes} | {infer} | {cell(row, "Tumor")} | {cell(row, "Lymph")} |")
+            lines.append(f"| {label} | {sizes} | {infer} | {cell(row, 'Tumor')} | {cell(row, 'Lymph')} |")
     lines += ["", "Paired differences of GTVp Dice over the same cases (mean [95 % interval]):", ""]
 
     def diff(a: str, b: str) -> str:
@@ -277,6 +277,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--skip-curve", action="store_true", help="the 24-case comparison and the update only")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: score the models OUT holds, report (missing curve points: 'not run')")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +300,12 @@ def main() -> None:
         if fold in CURVE:  # scored as soon as trained: a run cut short keeps the points it has
             bench.score(f"{labels[trainer]} fold {fold}", number, trainer, config, fold, "CP")
 
-    bench.train_all(jobs, args.jobs, score_curve)
+    if args.report_only:
+        for number, trainer, fold, _, config in jobs:
+            if fold in CURVE and bench.checkpoint(number, trainer, config, fold).is_file():
+                score_curve(number, trainer, fold, config)
+    else:
+        bench.train_all(jobs, args.jobs, score_curve)
     bench.score("CT base", 501, "nnUNetPresetTrainer", bench.base_config, 0, "C")
     for label, trainer in {**METHODS, "PEMMA (CNN), norms trained": "PEMMACNNTrainer_trainNorms"}.items():
         for infer in INPUTS:
