@@ -5,14 +5,16 @@ Data: the demo's phantom (30 training and 20 labelled test cases per centre, see
 3d_fullres U-Net trained on the pre-training centres' CT (dataset 501). On MDA's CT+PET (502, fold 0: 24 training
 cases) it compares:
 
-- PEMMA on the CNN (PEMMACNNTrainer: PET slot, conv LoRA; with `--train-norms`, also norm shifts),
+- PEMMA on the CNN (PEMMACNNTrainer: PET slot, conv LoRA with CT-only pairs; `--train-norms` adds the variant
+  with norm shifts and shared adapters),
 - nnU-Net's U-Net from scratch on CT+PET with channel dropout (nnUNetChannelDropoutTrainer),
 - early fusion on the CNN, fine-tuned from the base (EarlyFusionCNNTrainer),
 
 each scored with CT+PET, CT and PET input on MDA's labelled test cases (GTVp and GTVn Dice, 95 % bootstrap
 intervals), the base with CT. The learning curve trains the three on 4, 8 and 16 of the 24 cases (extra folds
 5-7 of splits_final.json, nnU-Net's own mechanism for custom splits). A CT-only update on HGJ (503,
-PEMMACNNContinualTrainer) is scored on MDA before and after, and its base tensors compared bit for bit.
+PEMMACNNContinualTrainer) is scored on MDA before and after and on HGJ's own CT, and its base tensors, PET slot
+and PET adapter pair compared bit for bit.
 
 Budgets (iterations of batch 2, 32^3 patches) are arguments: the CT base gets `--base-iterations`, every other
 training `--iterations`. Results go to OUT/pemma_cnn.json (resumable: finished trainings and scores are kept),
@@ -162,12 +164,14 @@ class Bench:
                 if done is not None:
                     done(*futures[future])
 
-    def score(self, key: str, number: int, trainer: str, config: str, fold: int, infer: str) -> dict:
-        """GTVp/GTVn Dice of a model on MDA's labelled test cases with input `infer`."""
+    def score(self, key: str, number: int, trainer: str, config: str, fold: int, infer: str,
+              centre: int = 502) -> dict:
+        """GTVp/GTVn Dice of a model on the labelled test cases of dataset `centre` (MDA; 503: HGJ) with input
+        `infer`."""
         name = f"{key} | {infer}"
         if name not in self.record["scores"]:
-            scored = evaluation_cases(self.out / "nnunet" / "nnUNet_raw" / self.dataset(502))
-            inputs = link_inputs(self.out / "inputs", scored, [infer])[infer]
+            scored = evaluation_cases(self.out / "nnunet" / "nnUNet_raw" / self.dataset(centre))
+            inputs = link_inputs(self.out / "inputs" / str(centre), scored, [infer])[infer]
             predictor = build_predictor(model_folder_of(self.dataset(number), trainer, config, "nnUNetPlans"),
                                         [fold], list(INPUTS[infer]), device="cpu", tta=False)
             prediction = self.out / "predictions" / key.replace(" ", "_").replace(",", "") / infer
@@ -203,6 +207,8 @@ def report(bench: Bench, curve: bool) -> str:
                 LONG_SCRATCH: (502, "nnUNetChannelDropoutTrainer"),
                 "PEMMA (CNN), norms trained": (502, "PEMMACNNTrainer_trainNorms")}
     for label, (number, trainer) in trainers.items():
+        if f"{label} | {'C' if number == 501 else 'CP'}" not in scores:
+            continue  # not run (the norm-shift variant is optional: --train-norms)
         if number == 501:
             sizes = ""
         else:
@@ -229,12 +235,16 @@ def report(bench: Bench, curve: bool) -> str:
               (f"{pemma} | P", "U-Net, channel dropout | P", "PET: PEMMA - channel-dropout U-Net (aim >= -0.05)"),
               (f"{pemma}, norms trained | CP", f"{pemma} | CP", "norms trained - frozen, CT+PET"),
               ("Early fusion (CNN) | CP", f"{pemma} | CP", "early fusion - PEMMA, CT+PET")]
-    lines += [f"- {text}: {diff(a, b)}" for a, b, text in checks]
+    lines += [f"- {text}: {diff(a, b)}" for a, b, text in checks if a in scores and b in scores]
     after = f"{pemma} after CT-only HGJ update"
     lines += ["", f"CT-only update on HGJ (PEMMACNNContinualTrainer): base bit-identical: "
-              f"{rec['update_base_bit_identical']}, PET slot bit-identical: {rec['update_pet_slot_bit_identical']}; "
-              f"MDA's Dice after - before:", ""]
+              f"{rec['update_base_bit_identical']}, PET slot and PET adapter pair bit-identical: "
+              f"{rec['update_pet_slot_bit_identical']}; MDA's Dice after - before:", ""]
     lines += [f"- {infer}: {diff(f'{after} | {infer}', f'{pemma} | {infer}')}" for infer in ("CP", "C", "P")]
+    hgj = f"{diff(f'{after} on HGJ | C', f'{pemma} on HGJ | C')}; the CT base on HGJ: " \
+          f"{cell(scores['CT base on HGJ | C'], 'Tumor')}"
+    lines += [f"- HGJ's own CT (its {scores[f'{after} on HGJ | C']['cases']} labelled test cases), GTVp after - "
+              f"before: {hgj}"]
     if curve:
         import matplotlib
 
@@ -276,6 +286,7 @@ def main() -> None:
     parser.add_argument("--base-iterations", type=int, default=1000)
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--skip-curve", action="store_true", help="the 24-case comparison and the update only")
+    parser.add_argument("--train-norms", action="store_true", help="also PEMMA with trained norm shifts")
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time (one CPU thread each)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: score the models OUT holds, report (missing curve points: 'not run')")
@@ -289,11 +300,13 @@ def main() -> None:
     c, b = bench.config, bench.base_config
     jobs = [(501, "nnUNetPresetTrainer", 0, None, b), (502, "nnUNetChannelDropoutTrainer", 0, None, c),
             (502, "PEMMACNNTrainer", 0, base, c), (502, "EarlyFusionCNNTrainer", 0, base, c),
-            (503, "PEMMACNNContinualTrainer", 0, adapted, c), (502, "PEMMACNNTrainer_trainNorms", 0, base, c),
+            (503, "PEMMACNNContinualTrainer", 0, adapted, c),
             (502, "nnUNetChannelDropoutTrainer", 0, None, b)]  # from scratch with the CT base's budget
-    if not args.skip_curve:
+    if args.train_norms:
+        jobs.append((502, "PEMMACNNTrainer_trainNorms", 0, base, c))
+    if not args.skip_curve:  # the points never run before first
         jobs += [(502, trainer, fold, base if trainer in FROM_BASE else None, c)
-                 for fold in CURVE for trainer in METHODS.values()]
+                 for fold in sorted(CURVE, reverse=True) for trainer in METHODS.values()]
     labels = {trainer: label for label, trainer in METHODS.items()}
 
     def score_curve(number: int, trainer: str, fold: int, config: str) -> None:
@@ -307,19 +320,24 @@ def main() -> None:
     else:
         bench.train_all(jobs, args.jobs, score_curve)
     bench.score("CT base", 501, "nnUNetPresetTrainer", bench.base_config, 0, "C")
-    for label, trainer in {**METHODS, "PEMMA (CNN), norms trained": "PEMMACNNTrainer_trainNorms"}.items():
+    variants = {"PEMMA (CNN), norms trained": "PEMMACNNTrainer_trainNorms"} if args.train_norms else {}
+    for label, trainer in {**METHODS, **variants}.items():
         for infer in INPUTS:
             bench.score(label, 502, trainer, bench.config, 0, infer)
     for infer in INPUTS:
         bench.score("PEMMA (CNN) after CT-only HGJ update", 503, "PEMMACNNContinualTrainer", bench.config, 0, infer)
         bench.score(LONG_SCRATCH, 502, "nnUNetChannelDropoutTrainer", bench.base_config, 0, infer)
+    bench.score("PEMMA (CNN) after CT-only HGJ update on HGJ", 503, "PEMMACNNContinualTrainer", bench.config, 0, "C",
+                centre=503)
+    bench.score("PEMMA (CNN) on HGJ", 502, "PEMMACNNTrainer", bench.config, 0, "C", centre=503)
+    bench.score("CT base on HGJ", 501, "nnUNetPresetTrainer", bench.base_config, 0, "C", centre=503)
     update = bench.checkpoint(503, "PEMMACNNContinualTrainer", bench.config, 0)
     base_weights = torch.load(base, map_location="cpu", weights_only=False)["network_weights"]
     updated = torch.load(update, map_location="cpu", weights_only=False)["network_weights"]
     adapted_weights = torch.load(adapted, map_location="cpu", weights_only=False)["network_weights"]
     bench.record["update_base_bit_identical"] = all(torch.equal(updated[k], v) for k, v in base_weights.items())
-    bench.record["update_pet_slot_bit_identical"] = all(torch.equal(updated[k], v)
-                                                        for k, v in adapted_weights.items() if "pet_" in k)
+    bench.record["update_pet_slot_bit_identical"] = all(torch.equal(updated[k], v) for k, v in adapted_weights.items()
+                                                        if "pet_" in k or "conv_lora_" in k)
     bench.save()
     print(report(bench, not args.skip_curve))
 

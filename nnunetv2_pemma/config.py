@@ -29,7 +29,8 @@ OPTIMIZERS = ("AdamW", "Adam", "SGD")  # SGD: nnU-Net's own (momentum 0.99, Nest
 LR_SCHEDULES = ("constant", "poly")
 TIES_METHODS = ("efron", "breslow")  # torchsurv's Cox partial likelihood with tied times
 SURVIVAL_SECTION = "survival"
-METHOD_OPTIONS = ("prior_tokens", "prior_entry", "moa_routing", "moa_experts", "moa_gate_experts")
+METHOD_OPTIONS = ("prior_tokens", "prior_entry", "moa_routing", "moa_experts", "moa_gate_experts", "train_norms",
+                  "ct_only_adapters")
 """Adaptation options that shape the network of a method (beyond the method's name)."""
 
 
@@ -69,6 +70,8 @@ class Adaptation:
     input_skip_adapter: bool = False
     # nnU-Net's CNNs: the normalisation layers' scale and bias shift by trained amounts (methods.NORM_SHIFT)
     train_norms: bool = False
+    # nnU-Net's CNNs: CT-only input has its own adapter pair (methods.CT_LORA), trained only by CT-only updates
+    ct_only_adapters: bool = False
 
     @classmethod
     def parse(cls, section: Any) -> "Adaptation":
@@ -84,7 +87,7 @@ class Adaptation:
         if not isinstance(kwargs["lora_rank"], int) or kwargs["lora_rank"] < 1:
             raise ValueError(f"lora_rank must be a positive integer, got {kwargs['lora_rank']!r}")
         _check_method_options(kwargs)
-        for key in ("input_skip_adapter", "train_norms"):
+        for key in ("input_skip_adapter", "train_norms", "ct_only_adapters"):
             if not isinstance(kwargs.get(key, False), bool):
                 raise ValueError(f"{key} must be true or false, got {kwargs[key]!r}")
         probs = kwargs["modality_dropout"]
@@ -92,7 +95,22 @@ class Adaptation:
             if len(probs) != 3 or min(probs) < 0 or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
                 raise ValueError(f"modality_dropout must be probabilities [p_CP, p_C, p_P] summing to 1, got {probs}")
             kwargs["modality_dropout"] = tuple(float(p) for p in probs)
+        if kwargs.get("ct_only_adapters", False):
+            if kwargs.get("train_norms", False):
+                raise ValueError("ct_only_adapters and train_norms exclude each other: norm shifts act on every "
+                                 "input, so CT alone would no longer be the base")
+            if probs is not None and kwargs["modality_dropout"][0] + kwargs["modality_dropout"][2] == 0:
+                raise ValueError("with ct_only_adapters, modality_dropout must draw CT+PET or PET: CT-only samples "
+                                 "train nothing in the adaptation")
         return cls(**kwargs)
+
+    def training_patterns(self) -> tuple[float, float, float] | None:
+        """The modality dropout a CNN adaptation draws from: with ``ct_only_adapters`` CT alone is the base and
+        trains nothing, so CT-only samples are left out (CT+PET and PET keep their proportion)."""
+        if self.modality_dropout is None or not self.ct_only_adapters:
+            return self.modality_dropout
+        p_cp, _, p_p = self.modality_dropout
+        return p_cp / (p_cp + p_p), 0.0, p_p / (p_cp + p_p)
 
     def with_method_options(self, other: "Adaptation") -> "Adaptation":
         """This section with `other`'s method options (prior tokens and entry; mixture routing and experts): what a

@@ -12,9 +12,9 @@ import torch.nn as nn
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
 from conftest import changed_keys
-from nnunetv2_pemma.adaptation.conv_layers import LoRAConv3d
+from nnunetv2_pemma.adaptation.conv_layers import LoRAConv3d, _LoRAConv, wrap_conv
 from nnunetv2_pemma.adaptation.folding import fold_adapters
-from nnunetv2_pemma.adaptation.methods import is_added, train_only
+from nnunetv2_pemma.adaptation.methods import added_by, is_added, train_only
 from nnunetv2_pemma.adaptation.norm_layers import ShiftedInstanceNorm3d, wrap_norm
 from nnunetv2_pemma.config import Adaptation
 from nnunetv2_pemma.errors import PlansError
@@ -245,3 +245,115 @@ def test_parameter_rows_of_a_trained_cnn() -> None:
     assert rows[-1]["trainable"] == sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert 0 < rows[-1]["adapter_bytes"] < rows[-1]["checkpoint_bytes"]
     assert "PEMMA (conv_lora, r=2, PET slot)" in format_parameter_table(rows)
+
+
+def _routed_conv(kernel: tuple[int, ...], stride: tuple[int, ...]) -> tuple[nn.Conv3d, nn.Module]:
+    base = nn.Conv3d(3, 5, kernel, stride, tuple(k // 2 for k in kernel))
+    routed = wrap_conv(copy.deepcopy(base), rank=2, alpha=4, ct_only=True)
+    with torch.no_grad():
+        routed.conv_lora_B.normal_()
+        routed.ct_lora_B.normal_()
+    return base, routed
+
+
+def _lora_of(base: nn.Conv3d, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    lora = wrap_conv(copy.deepcopy(base), rank=2, alpha=4)
+    with torch.no_grad():
+        lora.conv_lora_A.copy_(a)
+        lora.conv_lora_B.copy_(b)
+    return lora
+
+
+@pytest.mark.parametrize("kernel, stride", [((1, 3, 3), (1, 2, 2)), ((3, 3, 3), (2, 2, 2))])
+def test_the_ct_only_pair_acts_on_ct_only_samples_alone(kernel: tuple, stride: tuple) -> None:
+    """Per sample, a routed conv LoRA is the plain conv LoRA (tested against peft) of the pair its input selects."""
+    base, routed = _routed_conv(kernel, stride)
+    pet_lora = _lora_of(base, routed.conv_lora_A, routed.conv_lora_B)
+    ct_lora = _lora_of(base, routed.ct_lora_A, routed.ct_lora_B)
+    x = torch.randn(3, 3, 4, 8, 8)
+    with torch.no_grad():
+        routed.holds_pet = torch.tensor([True, False, True])
+        mixed = routed(x)
+        routed.holds_pet = torch.tensor([False] * 3)
+        ct_only = routed(x)
+        routed.holds_pet = None  # unset: every sample holds PET
+        unset = routed(x)
+        torch.testing.assert_close(mixed[[0, 2]], pet_lora(x[[0, 2]]))
+        torch.testing.assert_close(mixed[1], ct_lora(x[1:2])[0])
+        torch.testing.assert_close(ct_only, ct_lora(x))
+        torch.testing.assert_close(unset, pet_lora(x))
+        for holds_pet, lora in ((True, pet_lora), (False, ct_lora)):
+            torch.testing.assert_close(routed.plain(holds_pet)(x), lora(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="holds_pet"):
+        routed.plain()
+
+
+def _update_step(net: nn.Module, modalities: tuple[str, ...]) -> nn.Module:
+    """One SGD step of a continual update on `modalities`, training what PEMMACNNContinualTrainer trains."""
+    net.set_input_modalities(modalities)
+    trained = net.trained_in_update()
+    for name, p in net.named_parameters():
+        p.requires_grad_(added_by(name) in trained)
+    net.train()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5, weight_decay=0.1)
+    loss = sum(out.square().mean() for out in net(torch.randn(2, len(modalities), *SHAPE[1:])))
+    loss.backward()
+    optimizer.step()
+    return net.eval()
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_with_ct_only_adapters_ct_alone_stays_the_base_and_a_ct_update_leaves_pet_inputs(kind: str) -> None:
+    base, net = adapted(kind, pet_init="cross", ct_only_adapters=True, modality_dropout=[0.5, 0.25, 0.25])
+    trained_step(net)
+    trained_step(net)
+    ct, pet = torch.randn(SHAPE).unsqueeze(1), torch.randn(SHAPE).unsqueeze(1)
+    both = torch.cat([ct, pet], 1)
+    with torch.no_grad():
+        assert torch.equal(logits(net, ct, ("CT",)), base(ct)[0])  # the PET pair and slot trained, CT alone: base
+    assert not torch.equal(logits(net, both), base(ct)[0])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cp, p_only, c_only = logits(net, both), logits(net, pet, ("PET",)), logits(net, ct, ("CT",))
+    changed = changed_keys(before, _update_step(net, ("CT",)))
+    assert changed and {added_by(k) for k in changed} == {"ct_lora_"}
+    assert torch.equal(logits(net, both), cp) and torch.equal(logits(net, pet, ("PET",)), p_only)
+    assert not torch.equal(logits(net, ct, ("CT",)), c_only)
+    changed = changed_keys({k: v.clone() for k, v in net.state_dict().items()}, _update_step(net, ("CT", "PET")))
+    assert changed and {added_by(k) for k in changed} == {"conv_lora_"}  # an update with PET: the PET pair
+
+
+def test_with_ct_only_adapters_modality_dropout_draws_no_ct_only_sample() -> None:
+    adaptation_ = adaptation(ct_only_adapters=True, modality_dropout=[0.5, 0.25, 0.25])
+    assert adaptation_.training_patterns() == pytest.approx((2 / 3, 0.0, 1 / 3))
+    assert adaptation(modality_dropout=[0.5, 0.25, 0.25]).training_patterns() == (0.5, 0.25, 0.25)
+    _, net = adapted("PlainConvUNet", ct_only_adapters=True, modality_dropout=[0.0, 0.5, 0.5])
+    net.train()
+    net(torch.randn(64, 2, 4, 8, 8))
+    assert bool(net.input_slots.keep[:, 1].all())  # every sample kept PET: drawn "PET only"
+
+
+@pytest.mark.parametrize("ct_only_adapters, train_norms, dropout, match", [
+    (True, True, None, "exclude each other"), (True, False, [0.0, 1.0, 0.0], "must draw CT\\+PET or PET"),
+    ("yes", False, None, "true or false")])
+def test_ct_only_adapters_refuse_what_contradicts_them(ct_only_adapters, train_norms, dropout, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        adaptation(ct_only_adapters=ct_only_adapters, train_norms=train_norms, modality_dropout=dropout)
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_with_ct_only_adapters_folding_is_exact_per_input_pattern(kind: str) -> None:
+    _, net = adapted(kind, pet_init="cross", ct_only_adapters=True)
+    trained_step(net)
+    _update_step(net, ("CT",))
+    ct, both = torch.randn(SHAPE).unsqueeze(1), torch.randn(2, 2, *SHAPE[1:])
+    with pytest.raises(TypeError, match="holds_pet"):
+        fold_adapters(copy.deepcopy(net))
+    for holds_pet, x, modalities in ((True, both, ("CT", "PET")), (True, both[:, 1:], ("PET",)),
+                                     (False, ct, ("CT",))):
+        folded = fold_adapters(copy.deepcopy(net), holds_pet=holds_pet)
+        assert not any(isinstance(m, _LoRAConv) for m in folded.modules())
+        unfolded_logits, folded_logits = logits(net, x, modalities), logits(folded, x, modalities)
+        torch.testing.assert_close(folded_logits, unfolded_logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(folded_logits.argmax(1), unfolded_logits.argmax(1))
+    with pytest.raises(ValueError, match="folded for CT alone"):
+        logits(folded, both)

@@ -25,15 +25,16 @@ def test_the_base_stays_bit_identical_and_only_the_pet_slot_and_adapters_are_new
     base, adapted = weights(cnn_models["base"]), weights(cnn_models["adapted"])
     assert set(base) <= set(adapted)
     assert all(torch.equal(adapted[k], v) for k, v in base.items())  # the segmentation heads included
-    assert {added_by(k) for k in adapted if k not in base} == {"pet_", "conv_lora_"}
+    assert {added_by(k) for k in adapted if k not in base} == {"pet_", "conv_lora_", "ct_lora_"}
     assert any(adapted[k].abs().sum() > 0 for k in adapted if "conv_lora_B" in k)  # the adapters trained
+    assert all(not adapted[k].any() for k in adapted if "ct_lora_B" in k)  # the CT-only pair: CT alone is the base
 
 
-def test_a_ct_only_update_trains_the_adapters_alone(cnn_models: dict) -> None:
+def test_a_ct_only_update_trains_the_ct_only_adapters_alone(cnn_models: dict) -> None:
     adapted, continual = weights(cnn_models["adapted"]), weights(cnn_models["continual"])
     assert adapted.keys() == continual.keys()
     changed = {k for k in adapted if not torch.equal(adapted[k], continual[k])}
-    assert changed and {added_by(k) for k in changed} == {"conv_lora_"}
+    assert changed and {added_by(k) for k in changed} == {"ct_lora_"}
 
 
 def _inputs(env: dict[str, str], modalities: list[str], folder: Path) -> str:

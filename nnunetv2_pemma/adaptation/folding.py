@@ -14,12 +14,16 @@ from typing import TypeVar
 import torch
 import torch.nn as nn
 
-from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d
+from nnunetv2_pemma.adaptation.conv_layers import LoRAConv2d, LoRAConv3d, RoutedLoRAConv2d, RoutedLoRAConv3d
 from nnunetv2_pemma.adaptation.layers import LoRAQKVLinear
 from nnunetv2_pemma.adaptation.norm_layers import ShiftedInstanceNorm2d, ShiftedInstanceNorm3d
 
 FOLDED_BY_PLAIN = (LoRAConv2d, LoRAConv3d, ShiftedInstanceNorm2d, ShiftedInstanceNorm3d)
 """Adapter layers that fold themselves (``plain()``) into the layer class they wrap."""
+ROUTED = (RoutedLoRAConv2d, RoutedLoRAConv3d)
+"""Conv LoRA with a CT-only pair: folds for one input pattern (``plain(holds_pet)``)."""
+FOLDED_FOR_PET = "folded_for_pet"
+"""Attribute a network folded with CT-only pairs gets: the input pattern it now computes (True: with PET)."""
 
 __all__ = ["fold_adapters"]
 
@@ -27,10 +31,14 @@ M = TypeVar("M", bound=nn.Module)
 
 
 @torch.no_grad()
-def fold_adapters(net: M) -> M:
+def fold_adapters(net: M, holds_pet: bool | None = None) -> M:
     """Replace every :class:`LoRAQKVLinear` (LoRA or DoRA) in ``net`` by a plain ``nn.Linear`` whose weight
     is the layer's ``merged_weight()`` (a disabled adapter merges to the base weight), and every conv LoRA layer and
     norm shift by its plain layer (``plain()``).
+
+    A network whose conv LoRA has CT-only pairs (``adaptation.ct_only_adapters``) computes two functions; it folds
+    into one of them: ``holds_pet`` True for CT+PET or PET input, False for CT alone. The folded network records
+    which (``folded_for_pet``), and its PEMMA forward refuses the other input pattern.
 
     The base parameters keep their state-dict names (``...attn.qkv.weight``, ``...attn.qkv.bias``); the
     ``lora_*`` tensors are gone, so the merged network no longer loads adapter files or trains its adapters:
@@ -41,13 +49,20 @@ def fold_adapters(net: M) -> M:
         ``net`` itself (modified in place), for chaining.
     """
     plain: dict[int, nn.Module] = {}  # one plain layer per adapter, wherever it is registered (nnU-Net: twice)
-    layers = [(n, m) for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, FOLDED_BY_PLAIN)]
+    layers = [(n, m) for n, m in net.named_modules(remove_duplicate=False) if isinstance(m, FOLDED_BY_PLAIN + ROUTED)]
+    routed = any(isinstance(m, ROUTED) for _, m in layers)
+    if routed and holds_pet is None:
+        raise TypeError("this network has CT-only adapter pairs: fold it for one input pattern with holds_pet "
+                        "(True: CT+PET or PET input, False: CT alone)")
     for name, layer in layers:
         if not name:
             raise TypeError(f"cannot merge a {type(layer).__name__} in place of itself: use its plain()")
         parent_name, _, child = name.rpartition(".")
         parent = net.get_submodule(parent_name) if parent_name else net
-        setattr(parent, child, plain.setdefault(id(layer), layer.plain()))
+        setattr(parent, child, plain.setdefault(id(layer), layer.plain(holds_pet) if isinstance(layer, ROUTED)
+                                                else layer.plain()))
+    if routed:
+        setattr(net, FOLDED_FOR_PET, holds_pet)
     targets = [(name, m) for name, m in net.named_modules() if isinstance(m, LoRAQKVLinear)]
     if any(not name for name, _ in targets):
         raise TypeError("cannot merge a LoRA layer in place of itself: use nn.Linear with its merged_weight()")

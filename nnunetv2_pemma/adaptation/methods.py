@@ -106,13 +106,18 @@ trains is the trainer's choice (the new centre's), see ``trainers/adaptation/mix
 
 
 def _conv_lora(conv: nn.Module, adaptation: Adaptation) -> nn.Module:
-    return wrap_conv(conv, adaptation.lora_rank, adaptation.lora_alpha)
+    return wrap_conv(conv, adaptation.lora_rank, adaptation.lora_alpha, ct_only=adaptation.ct_only_adapters)
 
 
 CONV_LORA = register(AdapterMethod("conv_lora", prefixes=("conv_lora_",), trains={s: ("conv_lora_",) for s in STAGES},
                                    wrap_conv=_conv_lora))
 """Conv LoRA around every frozen convolution of a CNN U-Net's encoder and decoder (``adaptation.method``
 "conv_lora" of an nnU-Net preset)."""
+
+CT_LORA = register(AdapterMethod("ct_lora", prefixes=("ct_lora_",), trains={"continual": ("ct_lora_",)}))
+"""The CT-only pair of every conv LoRA (``adaptation.ct_only_adapters``): zero after the adaptation, so CT alone
+is the base; trained only by continual updates whose inputs include CT alone, and never acting on CT+PET or PET
+input (``conv_layers.RoutedLoRAConv3d``)."""
 
 NORM_SHIFT = register(AdapterMethod("norm_shift", prefixes=("norm_shift_",),
                                     trains={s: ("norm_shift_",) for s in STAGES}))

@@ -10,6 +10,9 @@ nnU-Net builds the CT network from the plans; :func:`pemma_unet` turns that very
 - every other convolution of encoder, decoder and segmentation heads, and those of the CT slot, gets the preset's
   conv adapter (conv LoRA, B = 0); with ``adaptation.train_norms`` every instance norm also gets a zero shift of
   its scale and bias. Transposed convolutions (the decoder's upsampling) stay frozen: peft has no LoRA for them;
+- with ``adaptation.ct_only_adapters`` every conv LoRA has a second pair for CT-only input (``ct_lora_*``): the
+  adaptation trains the PET pair on CT+PET and PET samples, so CT alone stays the base, and a CT-only update
+  trains the CT pair alone, so CT+PET and PET outputs stay bit-identical;
 - nnU-Net's own forward, deep supervision and state-dict names are kept, so a CT checkpoint loads as it is and
   what PEMMA adds is what its adapter methods declare (``pet_slot.*`` and ``pet_beta``; ``conv_lora_*``;
   ``norm_shift_*``).
@@ -26,8 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from nnunetv2_pemma.adaptation.methods import (MODALITY_SLOTS, NORM_SHIFT, AdapterMethod, get_conv_method,
-                                               is_added)
+from nnunetv2_pemma.adaptation.conv_layers import RoutedLoRAConv2d, RoutedLoRAConv3d
+from nnunetv2_pemma.adaptation.folding import FOLDED_FOR_PET
+from nnunetv2_pemma.adaptation.methods import (CT_LORA, MODALITY_SLOTS, NORM_SHIFT, AdapterMethod,
+                                               get_conv_method, is_added)
 from nnunetv2_pemma.adaptation.norm_layers import wrap_norm
 from nnunetv2_pemma.config import MODALITIES, Adaptation
 from nnunetv2_pemma.errors import PlansError
@@ -106,12 +111,32 @@ class PEMMA(nn.Module):
         if x.shape[1] != len(self.input_modalities):
             raise ValueError(f"input has {x.shape[1]} channels, expected {len(self.input_modalities)} "
                              f"({self.input_modalities})")
-        probs = self.adaptation.modality_dropout
+        folded_for_pet = getattr(self, FOLDED_FOR_PET, None)
+        if folded_for_pet is not None and folded_for_pet != ("PET" in self.input_modalities):
+            raise ValueError(f"this network was folded for {'input with PET' if folded_for_pet else 'CT alone'}, "
+                             f"not {'+'.join(self.input_modalities)}: fold an unfolded copy for that input")
+        probs = self.adaptation.training_patterns()
         keep = None
         if self.training and probs is not None and len(self.input_modalities) == len(MODALITIES):
             keep = torch.stack(sample_modality_masks(probs, x.shape[0]), dim=1).to(x.device)
         self.input_slots.keep = keep
+        if self.adaptation.ct_only_adapters:
+            holds_pet = torch.full((x.shape[0],), "PET" in self.input_modalities, device=x.device)
+            if keep is not None:
+                holds_pet = keep[:, MODALITIES.index("PET")]
+            for layer in self.modules():
+                if isinstance(layer, (RoutedLoRAConv2d, RoutedLoRAConv3d)):
+                    layer.holds_pet = holds_pet
         return super().forward(x)
+
+    def trained_in_update(self) -> tuple[str, ...]:
+        """The adapter prefixes a continual update on this input trains: with ``ct_only_adapters``, the CT-only
+        pair on CT-only data and the PET pair (``conv_lora_``) on data that hold PET, so an update never touches
+        what the other input patterns compute; else every prefix the stage trains."""
+        prefixes = tuple(p for m in self.adapter_methods for p in m.trains.get("continual", ()))
+        if not self.adaptation.ct_only_adapters:
+            return prefixes
+        return ("conv_lora_",) if "PET" in self.input_modalities else (CT_LORA.prefixes[0],)
 
     def load_base_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a CT base state dict (the plain nnU-Net U-Net's), reset the adapters, initialise the PET slot.
@@ -187,6 +212,8 @@ def pemma_unet(unet: nn.Module, adaptation: Adaptation, input_modalities: Sequen
     pet_slot = copy.deepcopy(stage) if adaptation.pet_init != "random" else fresh_copy(stage)
     _wrap(unet, (nn.Conv2d, nn.Conv3d), lambda conv: method.wrap_conv(conv, adaptation))  # the PET slot is apart
     methods: tuple[AdapterMethod, ...] = (MODALITY_SLOTS, method)
+    if adaptation.ct_only_adapters:
+        methods += (CT_LORA,)
     if adaptation.train_norms:
         _wrap(unet, (nn.InstanceNorm2d, nn.InstanceNorm3d), wrap_norm)
         methods += (NORM_SHIFT,)

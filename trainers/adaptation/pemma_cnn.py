@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2_pemma.adaptation.methods import added_by
 from nnunetv2_pemma.config import PemmaBlock
 
 from nnunetv2_pemma.networks.build import build_pemma_unet, nnunet_unet
@@ -52,7 +53,9 @@ class PEMMACNNTrainer(WholeCheckpoint, NNUNetNetwork, PEMMATrainer):
 
 class PEMMACNNContinualTrainer(WholeCheckpoint, NNUNetNetwork, PEMMAContinualTrainer):
     """Updates a PEMMA CNN model on a dataset with both or only one modality: only the conv adapters (and norm
-    shifts, when the model has them) train; the CT model and the PET slot stay bit-identical.
+    shifts, when the model has them) train; the CT model and the PET slot stay bit-identical. With
+    ``adaptation.ct_only_adapters`` (the ``unet*`` presets), an update on CT alone trains the CT-only pair and
+    leaves every CT+PET and PET output bit-identical; an update on data with PET trains the PET pair.
 
     Start it with `-pretrained_weights <PEMMACNNTrainer checkpoint_final.pth>`; an absent modality's slot is left
     out."""
@@ -66,3 +69,8 @@ class PEMMACNNContinualTrainer(WholeCheckpoint, NNUNetNetwork, PEMMAContinualTra
 
     def network_to_load(self, expect: str) -> nn.Module | None:
         return None
+
+    def freeze(self, network: nn.Module) -> None:
+        trained = network.trained_in_update()
+        for name, parameter in network.named_parameters():
+            parameter.requires_grad_(added_by(name) in trained)
