@@ -34,7 +34,8 @@ def _convert_hecktor(args: argparse.Namespace) -> None:
                                  modalities=args.modalities, crop=args.crop, crop_size_mm=tuple(args.crop_size_mm),
                                  edition=args.edition, skip_bad=args.skip_bad, with_outcomes=args.with_outcomes,
                                  register=args.register,
-                                 limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg))
+                                 limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg),
+                                 workers=args.workers)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the library turns it into KeyboardInterrupt)
         why = str(e) or "Ctrl-C"
         raise PemmaError(f"interrupted ({why}); the unfinished dataset and its lock were removed") from None
@@ -308,6 +309,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="rigid: register each PET to its CT (SimpleITK, mutual information) before resampling; the "
                         "transform and its quality go into pemma_crops.json (default none: trust the headers)")
     _add_registration_options(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --register rigid: register this many cases at a time, one process and one thread "
+                        "each (e.g. $(nproc)); the results are the same for any number")
     p.add_argument("--with-outcomes", action="store_true",
                    help="also validate HECKTOR 2022's clinical and endpoint tables and write them as outcomes.json "
                         "(encoded clinical vector with missing indicators, relapse, RFS) for prognosis")

@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.slow  # about 3.5 minutes of registrations on 2 CPU cor
 
 SEED = 0
 MISALIGN = (15.0, 5.0)
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +277,82 @@ def test_check_alignment_bad_input(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(InputDataError, match=f"cannot write the alignment table {blocker / 'out.csv'}"):
         write_csv([], blocker / "out.csv")
+
+
+def test_registrations_in_two_processes_give_the_same_dataset(phantoms: dict[str, Path], tmp_path: Path) -> None:
+    report = convert_hecktor(phantoms["misaligned"], 620, "Parallel", raw_root=tmp_path / "raw", register="rigid",
+                             workers=2)
+    serial, parallel = records(phantoms["misaligned_rigid"]), records(report.dataset_dir)
+    assert serial.keys() == parallel.keys()
+    for case_id, record in serial.items():
+        mine = {**parallel[case_id], "registration": {**parallel[case_id]["registration"], "seconds": None}}
+        assert mine == {**record, "registration": {**record["registration"], "seconds": None}}, case_id
+    for image in sorted((phantoms["misaligned_rigid"] / "imagesTr").iterdir()):
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(report.dataset_dir / "imagesTr" /
+                                                                         image.name))), expected), image.name
+
+
+@pytest.mark.parametrize("workers, register, match", [(0, "rigid", "positive number"),
+                                                      (2, "none", "nothing to run in parallel")])
+def test_workers_that_cannot_work_are_refused(phantoms: dict[str, Path], tmp_path: Path, workers: int,
+                                              register: str, match: str) -> None:
+    raw = tmp_path / "raw"
+    args = ["pemma", "convert-hecktor", str(phantoms["aligned"]), "--dataset-id", "621", "--name", "Workers",
+            "--register", register, "--workers", str(workers)]
+    assert match in _error_line(run_cli(args, {**os.environ, "nnUNet_raw": str(raw)}))
+    assert not raw.exists() or list(raw.iterdir()) == []
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("signum, why", [(signal.SIGTERM, "terminated by signal 15"), (signal.SIGINT, "Ctrl-C")])
+def test_a_signal_while_registering_in_workers_leaves_nothing(phantoms: dict[str, Path], tmp_path: Path,
+                                                              signum: int, why: str) -> None:
+    """Ctrl-C reaches every process of the terminal's group, SIGTERM only the conversion: either way the
+    conversion stops its workers, removes its lock and temporary files, and says so in one line."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with (tmp_path / "stderr.txt").open("w+") as stderr:
+        proc = subprocess.Popen([str(BIN / "pemma"), "convert-hecktor", str(phantoms["misaligned"]), "--dataset-id",
+                                 "622", "--name", "Stopped", "--register", "rigid", "--workers", "2"],
+                                env={**os.environ, "nnUNet_raw": str(raw)}, stdout=subprocess.DEVNULL, stderr=stderr,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 300
+        workers: set[int] = set()
+        while len(workers) < 3:  # two workers and multiprocessing's resource tracker
+            assert proc.poll() is None, "the conversion ended before it registered in parallel"
+            assert time.monotonic() < deadline, "the conversion never started its workers"
+            workers = _children(proc.pid)
+            time.sleep(0.05)
+        time.sleep(1.0)  # the workers are registering
+        for pid in {proc.pid, *workers} if signum == signal.SIGINT else {proc.pid}:
+            os.kill(pid, signum)
+        assert proc.wait(timeout=120) == 2
+        stderr.seek(0)
+        err = stderr.read()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"pemma convert-hecktor: error: interrupted ({why}); the unfinished "
+                                            f"dataset and its lock were removed")
+    assert list(raw.iterdir()) == []
+    deadline = time.monotonic() + 30
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "a registration worker outlived the conversion"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

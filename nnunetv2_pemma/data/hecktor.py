@@ -31,9 +31,11 @@ import contextlib
 import csv
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,14 +124,15 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
                     crop_size_mm: Sequence[float] = (200.0, 200.0, 310.0), edition: int = 2022,
                     skip_bad: bool = False, raw_root: Path | None = None,
                     with_outcomes: bool = False, register: str = "none",
-                    limits: RegistrationLimits = RegistrationLimits()) -> ConversionReport:
+                    limits: RegistrationLimits = RegistrationLimits(), workers: int = 1) -> ConversionReport:
     """Validate the HECKTOR cases, then write `<raw_root>/Dataset{id:03d}_{name}` in one go (or nothing).
 
     with_outcomes: also validate HECKTOR 2022's clinical and endpoint tables (before any image is read) and write
     them as outcomes.json, for prognosis. register: "rigid" registers each PET to its CT region before anything is
     written; a case whose registration fails or moves beyond `limits` is bad like any other. Suspicious but
     convertible cases (an all-zero PET, a constant CT, with "none" PET and CT body outlines further apart than
-    registered cases') are reported as PemmaWarnings.
+    registered cases') are reported as PemmaWarnings. workers: registrations run in this many processes, one
+    ITK thread each (every registration runs on one thread, so the results do not depend on `workers`).
     """
     input_dir = Path(input_dir)
     modalities = _check_options(modalities, crop, crop_size_mm, edition, dataset_id, name)
@@ -137,6 +140,11 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
         raise InputDataError(f"register must be 'none' or 'rigid', got {register!r}")
     if register == "rigid" and "PET" not in modalities:
         raise InputDataError("--register rigid aligns PET to CT; it needs PET among --modalities")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputDataError(f"--workers must be a positive number of processes, got {workers!r}")
+    if workers > 1 and register != "rigid":
+        raise InputDataError("--workers runs the registrations of --register rigid in parallel; without "
+                             "registration there is nothing to run in parallel")
     if with_outcomes and edition != 2022:
         raise InputDataError(f"--with-outcomes reads HECKTOR 2022's clinical and endpoint tables; it does not work "
                              f"with edition {edition}")
@@ -148,7 +156,7 @@ def convert_hecktor(input_dir: Path, dataset_id: int, name: str, centers: Sequen
     with sigterm_as_interrupt(), _dataset_lock(raw_root, dataset_id):
         _check_target(raw_root, final_dir, dataset_id)  # under the lock: no other conversion can add the id now
         good, checks, bad = _check_cases(cases, modalities, labels, crop, crop_size_mm, skip_bad, input_dir,
-                                         limits if register == "rigid" else None)
+                                         limits if register == "rigid" else None, workers)
         for check in checks.values():
             for message in check.warnings:
                 warn(message)
@@ -276,16 +284,16 @@ def _alive(pid: int) -> bool:
 
 def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str, int], crop: str,
                  crop_size_mm: Sequence[float], skip_bad: bool, input_dir: Path,
-                 limits: RegistrationLimits | None) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
-    """Good cases, their checks (crop record, warnings; with `limits`, the registration in the record), and the bad
-    ones (case -> reason); raise unless skip_bad can cope."""
+                 limits: RegistrationLimits | None, workers: int = 1
+                 ) -> tuple[list[CaseFiles], dict[str, CaseCheck], dict[str, str]]:
+    """Good cases, their checks (crop record, warnings; with `limits`, the registration in the record, `workers`
+    cases at a time), and the bad ones (case -> reason); raise unless skip_bad can cope."""
     checks = {case.case_id: check_case(case, modalities, sorted(labels.values()), crop, crop_size_mm,
                                        screen_alignment=limits is None)
               for case in tqdm(cases, desc="checking cases", unit="case")}
     if limits is not None:
         registrable = [case for case in cases if not checks[case.case_id].problems]
-        for case in tqdm(registrable, desc="registering PET to CT", unit="case"):
-            checks[case.case_id] = _register_case(case, checks[case.case_id], limits)
+        checks.update(_register_cases([(case, checks[case.case_id], limits) for case in registrable], workers))
     bad = {cid: " and ".join(check.problems) for cid, check in checks.items() if check.problems}
     listing = "; ".join(f"{case}: {reason}" for case, reason in bad.items())
     if bad and not skip_bad:
@@ -296,6 +304,49 @@ def _check_cases(cases: list[CaseFiles], modalities: list[str], labels: dict[str
         why = f" after skipping the bad ones: {listing}" if bad else " (only imagesTs/ cases were selected)"
         raise InputDataError(f"no valid training case left in {input_dir}{why}")
     return good, {case.case_id: checks[case.case_id] for case in good}, bad
+
+
+def _register_cases(jobs: list[tuple[CaseFiles, CaseCheck, RegistrationLimits]], workers: int
+                    ) -> dict[str, CaseCheck]:
+    """Each case's check with its registration, in `workers` processes. The workers ignore Ctrl-C: the
+    conversion's own process takes it (or SIGTERM), stops them and removes what it started."""
+    progress = tqdm(total=len(jobs), desc="registering PET to CT", unit="case")
+    if workers == 1 or len(jobs) < 2:
+        results = {}
+        for job in jobs:
+            results[job[0].case_id] = _register_case(*job)
+            progress.update()
+        progress.close()
+        return results
+    # the workers ignore Ctrl-C from their start (a disposition they inherit), before their imports are done
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), initializer=_worker_signals)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    try:
+        results = {}
+        for case_id, check in pool.imap_unordered(_register_job, jobs):
+            results[case_id] = check
+            progress.update()
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        progress.close()
+    return results
+
+
+def _worker_signals() -> None:
+    """Ctrl-C is the conversion's to handle; SIGTERM (the pool's terminate) ends a worker at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _register_job(job: tuple[CaseFiles, CaseCheck, RegistrationLimits]) -> tuple[str, CaseCheck]:
+    return job[0].case_id, _register_case(*job)
 
 
 def _register_case(case: CaseFiles, check: CaseCheck, limits: RegistrationLimits) -> CaseCheck:

@@ -19,8 +19,10 @@ already registered cases are not moved by the metric's own bias (a few mm along 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,11 +109,30 @@ def transform_from_record(record: dict) -> sitk.Transform:
     return transform
 
 
+@contextlib.contextmanager
+def _one_itk_thread() -> Iterator[None]:
+    """ITK's threads hand out work dynamically and sum the metric in whatever order they finish, so the transform
+    found would differ in its last digits from run to run; on one thread it is the same every time. Conversions
+    run cases in parallel instead (convert-hecktor --workers)."""
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
 def register_pet_to_ct(ct: sitk.Image, pet: sitk.Image, limits: RegistrationLimits) -> Registration:
-    """Find the rigid motion that best aligns `pet` to `ct` (the region that will be written: crop it first).
+    """Find the rigid motion that best aligns `pet` to `ct` (the region that will be written: crop it first), on
+    one ITK thread (the same transform every run).
 
     Raises RegistrationFailed when there is no body in the CT, no signal in the PET under it, or SimpleITK gives up.
     """
+    with _one_itk_thread():
+        return _register(ct, pet, limits)
+
+
+def _register(ct: sitk.Image, pet: sitk.Image, limits: RegistrationLimits) -> Registration:
     start = time.perf_counter()
     fixed = sitk.Cast(ct, sitk.sitkFloat32)
     body = ct > BODY_HU
