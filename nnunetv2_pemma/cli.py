@@ -7,6 +7,7 @@ each; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,11 +36,19 @@ def _convert_hecktor(args: argparse.Namespace) -> None:
                                  edition=args.edition, skip_bad=args.skip_bad, with_outcomes=args.with_outcomes,
                                  register=args.register,
                                  limits=RegistrationLimits(args.max_shift_mm, args.max_rotation_deg),
-                                 workers=args.workers)
+                                 workers=_registration_workers(args))
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the library turns it into KeyboardInterrupt)
         why = str(e) or "Ctrl-C"
         raise PemmaError(f"interrupted ({why}); the unfinished dataset and its lock were removed") from None
     print(report)
+
+
+def _registration_workers(args: argparse.Namespace) -> int:
+    """--workers as given, else one per core this process may use when registering (each registration runs on
+    one thread), else 1."""
+    if args.workers is not None:
+        return args.workers
+    return len(os.sched_getaffinity(0)) if args.register == "rigid" else 1
 
 
 def _check_alignment(args: argparse.Namespace) -> None:
@@ -309,9 +318,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    help="rigid: register each PET to its CT (SimpleITK, mutual information) before resampling; the "
                         "transform and its quality go into pemma_crops.json (default none: trust the headers)")
     _add_registration_options(p)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="with --register rigid: register this many cases at a time, one process and one thread "
-                        "each (e.g. $(nproc)); the results are the same for any number")
+                        "each (default: this machine's cores); the results are the same for any number")
     p.add_argument("--with-outcomes", action="store_true",
                    help="also validate HECKTOR 2022's clinical and endpoint tables and write them as outcomes.json "
                         "(encoded clinical vector with missing indicators, relapse, RFS) for prognosis")

@@ -356,3 +356,14 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_the_command_registers_on_every_core_unless_told() -> None:
+    import argparse
+
+    from nnunetv2_pemma.cli import _registration_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert _registration_workers(argparse.Namespace(workers=None, register="rigid")) == cores
+    assert _registration_workers(argparse.Namespace(workers=None, register="none")) == 1
+    assert _registration_workers(argparse.Namespace(workers=3, register="rigid")) == 3
