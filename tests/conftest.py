@@ -163,3 +163,15 @@ def cnn_models(workflow: dict) -> dict:
             "continual": cnn_checkpoint(env, CT_HGJ, "PEMMACNNContinualTrainer"),
             "dropout": cnn_checkpoint(env, CTPET_MDA, "nnUNetChannelDropoutTrainer"),
             "fusion": cnn_checkpoint(env, CTPET_MDA, "EarlyFusionCNNTrainer")}
+
+
+def assert_conversion_interrupted(proc, stderr, why: str, raw: Path) -> None:
+    """A `pemma convert-hecktor` stopped by a signal: exit code 2, one line saying so on stderr (the open file the
+    process wrote), no traceback, nothing left in nnUNet_raw."""
+    assert proc.wait(timeout=120) == 2
+    stderr.seek(0)
+    err = stderr.read()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"pemma convert-hecktor: error: interrupted ({why}); the unfinished "
+                                            f"dataset and its lock were removed")
+    assert list(raw.iterdir()) == []
