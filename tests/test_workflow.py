@@ -200,7 +200,13 @@ def test_resumed_and_validated_runs_keep_the_base_record(workflow: dict) -> None
     run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--c"], env)
     assert _base_record(fold5 / "checkpoint_final.pth") == _base_record(workflow["adapted"])
     assert _adapter_metadata(fold5 / "checkpoint_final.pth")["base_file"] == str(workflow["base"].resolve())
-    run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--val"], env)
+    # with one export worker the validation ran in threads (worker_pools); nnU-Net's spawned processes write the same
+    threads = {p.name: p.read_bytes() for p in (fold5 / "validation").glob("*.nii.gz")}
+    summary = json.loads((fold5 / "validation" / "summary.json").read_text())
+    run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--val"],
+           {**env, "nnUNet_def_n_proc": "2"})
+    assert threads and threads == {p.name: p.read_bytes() for p in (fold5 / "validation").glob("*.nii.gz")}
+    assert json.loads((fold5 / "validation" / "summary.json").read_text()) == summary
 
 
 def _inputs(raw_images: Path, case: str, channels: list[int], folder: Path) -> Path:

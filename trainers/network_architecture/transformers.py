@@ -13,6 +13,7 @@ from nnunetv2_pemma.trainers.common import FewCasesNeedFoldAll, OneLineErrors
 from nnunetv2_pemma.training.augmentation import select_transforms
 from nnunetv2_pemma.training.seeding import seed_training
 from nnunetv2_pemma.training.threads import limit_cpu_threads
+from nnunetv2_pemma.training.worker_pools import validation_in_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
 
@@ -66,6 +67,11 @@ class UNETRTrainer(OneLineErrors, FewCasesNeedFoldAll, nnUNetTrainer):
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """UNETR has one output head: nothing to switch."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's, with its export and scoring pools as threads on a one-worker CPU training (worker_pools)."""
+        with validation_in_threads(self.device):
+            return super().perform_actual_validation(save_probabilities)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """As nnU-Net, but without test-time mirroring when the preset says so, and with patches cut at their

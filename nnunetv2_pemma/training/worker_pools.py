@@ -1,0 +1,54 @@
+"""nnU-Net's final validation without spawned worker processes where one worker on CPU is all there is.
+
+nnU-Net exports the validation cases and scores them in two `multiprocessing.get_context("spawn")` pools of
+`nnUNet_def_n_proc` workers. A spawned worker is a fresh interpreter that imports torch and nnU-Net before its
+first case: about 5 s a pool on two CPU cores, twice per training, for tiny validation sets that take a second.
+With one worker on CPU (`nnUNet_def_n_proc=1`, as `pemma demo` and the tests run), a pool of one thread does the
+same: the same functions on the same arguments, overlapping with the next prediction as the process would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from multiprocessing.pool import ThreadPool
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+# what nnU-Net asks of `multiprocessing`: get_context("spawn").Pool(n)
+_THREADS = SimpleNamespace(get_context=lambda method=None: SimpleNamespace(Pool=ThreadPool))
+
+
+def one_cpu_worker(device: torch.device) -> bool:
+    """Whether nnU-Net would start one worker process per pool on a CPU training."""
+    from nnunetv2.configuration import default_num_processes
+
+    return device.type == "cpu" and default_num_processes == 1
+
+
+@contextlib.contextmanager
+def thread_pools(*modules: ModuleType) -> Iterator[None]:
+    """Within the block, `multiprocessing.get_context(...).Pool` in these modules makes a pool of threads."""
+    saved = [m.multiprocessing for m in modules]
+    for m in modules:
+        m.multiprocessing = _THREADS
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, saved):
+            m.multiprocessing = original
+
+
+@contextlib.contextmanager
+def validation_in_threads(device: torch.device) -> Iterator[None]:
+    """nnUNetTrainer.perform_actual_validation's export and scoring pools as threads on a one-worker CPU
+    training; unchanged otherwise."""
+    if not one_cpu_worker(device):
+        yield
+        return
+    import nnunetv2.evaluation.evaluate_predictions as scoring
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as training
+
+    with thread_pools(training, scoring):
+        yield
