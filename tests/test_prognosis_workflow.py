@@ -152,3 +152,6 @@ def test_segmentation_models_and_datasets_without_outcomes_are_refused(workflow,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"nnUNetv2_train: error: no outcomes.json in {raw}: convert with pemma convert-hecktor ... --with-outcomes")
+    # refused before nnU-Net makes its output folder
+    assert not (Path(env["nnUNet_results"]) / "Dataset501_HNC_CT" / "SurvivalUNETRTrainer__nnUNetPlans__3d_unetr_tiny"
+                / "fold_1").exists()

@@ -21,11 +21,21 @@ from nnunetv2_pemma.networks.prognosis import SurvivalHead
 from nnunetv2_pemma.trainers.adaptation.adapting import unwrap
 from nnunetv2_pemma.trainers.adaptation.pemma import PEMMAContinualTrainer, PEMMATrainer
 from nnunetv2_pemma.trainers.baselines.early_fusion import EarlyFusionTrainer
+from nnunetv2_pemma.trainers.common import run_by_nnunetv2_train
 from nnunetv2_pemma.trainers.network_architecture.transformers import UNETRTrainer
 from nnunetv2_pemma.training.checkpoints import load_checkpoint_file
 from nnunetv2_pemma.training.survival_loss import SegmentationAndSurvivalLoss, batch_outcomes
 
 HEAD_PREFIX = "prognosis."
+
+
+def training_outcomes(dataset_name: str) -> Outcomes:
+    """The dataset's outcomes, refused when no case has an endpoint to train the Cox loss on."""
+    outcomes = dataset_outcomes(dataset_name)
+    if not any(outcomes.endpoint(k) is not None for k in outcomes.cases):
+        raise InputDataError(f"no case of {dataset_name} has a relapse-free survival endpoint in its outcomes.json: "
+                             f"prognosis trainers need HECKTOR's Task-2 cases")
+    return outcomes
 
 
 class SurvivalTraining:
@@ -37,6 +47,8 @@ class SurvivalTraining:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         # the explicit signature matters: nnU-Net's __init__ records its arguments from this method's signature
+        if run_by_nnunetv2_train():  # data without outcomes is refused before nnU-Net makes its output folder
+            training_outcomes(plans["dataset_name"])
         super().__init__(plans, configuration, fold, dataset_json, device)
         # every patch holds a lesion (nnU-Net's foreground oversampling for all samples, not a third): the head
         # scores the tumour it sees, and predict-risk weights its tiles by the tumour they hold
@@ -47,10 +59,7 @@ class SurvivalTraining:
         return SegmentationAndSurvivalLoss(super()._build_loss(), survival.loss_weight, survival.ties)
 
     def on_train_start(self):
-        self.outcomes = dataset_outcomes(self.plans_manager.dataset_name)
-        if not any(self.outcomes.endpoint(k) is not None for k in self.outcomes.cases):
-            raise InputDataError(f"no case of {self.plans_manager.dataset_name} has a relapse-free survival endpoint "
-                                 f"in its outcomes.json: prognosis trainers need HECKTOR's Task-2 cases")
+        self.outcomes = training_outcomes(self.plans_manager.dataset_name)
         super().on_train_start()
 
     def train_step(self, batch: dict) -> dict:
