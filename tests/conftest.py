@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-import torch
+# nnU-Net reads its worker count when first imported: one, as in the commands' environment (nnunet_environment)
+os.environ.setdefault("nnUNet_def_n_proc", "1")
 
-from nnunetv2_pemma.environment import trainer_folder
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
+
+from nnunetv2_pemma.environment import trainer_folder  # noqa: E402
+from nnunetv2_pemma.training.seeding import SEED_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # pytest-xdist's processes running the tests
 
 
 def nnunet_environment(root: Path) -> dict[str, str]:
@@ -25,11 +37,41 @@ def nnunet_environment(root: Path) -> dict[str, str]:
         env[name] = str(root / name)
     env.update(nnUNet_extTrainer=str(trainer_folder()), nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0",
                nnUNet_compile="false", PYTHONUNBUFFERED="1")
+    if WORKERS > 1:  # tests run side by side (pytest-xdist): one thread each, which nnUNetv2_train would make all
+        env.update(PEMMA_CPU_THREADS="1", OMP_NUM_THREADS="1")
     return env
+
+
+# `pemma` commands run through the CLI's main in the test process: the same code as the console script (which calls
+# main), without a fresh interpreter importing torch and nnU-Net (~7 s a call on 2 cores). Commands that start
+# their own jobs or handle signals (conversion, reproduce, demo, compare) and every nnU-Net command get a process.
+IN_PROCESS = {"predict", "predict-risk", "predict-late-fusion", "apply-adapter", "plans", "evaluate",
+              "evaluate-survival", "parameters", "env", "phantom", "check-alignment"}
+
+
+def _pemma_in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`pemma ARGS` with ENV as the whole environment, its output and exit code captured as a process's."""
+    from nnunetv2_pemma.cli import main
+
+    stdout, stderr, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main(args[1:])
+            except SystemExit as e:  # argparse: --help, usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run a console command of this venv (pemma, nnUNetv2_*) and capture its output."""
+    if args[0] == "pemma" and len(args) > 1 and args[1] in IN_PROCESS:
+        return _pemma_in_process(args, env)
     if args[0] == "nnUNetv2_plan_and_preprocess":
         # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
         env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
@@ -68,12 +110,23 @@ def changed_keys(before: dict[str, torch.Tensor], net: torch.nn.Module) -> set[s
     return {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
 
 
+# Modules that start first when tests run side by side: the ones that build the shared workspaces, then the long
+# ones that need none (pytest-xdist hands out modules in collection order, one at a time, per worker).
+FIRST = ("test_workflow.py", "test_prognosis_workflow.py", "test_pemma_cnn_workflow.py", "test_registration.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(FIRST)))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    """Reproducible unit tests that leave torch's thread count as they found it."""
+    """Reproducible unit tests that leave torch's thread count as they found it (one thread a test when tests run
+    side by side)."""
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
+    torch.set_num_threads(min(threads, 2 if WORKERS == 1 else 1))
     yield
     torch.set_num_threads(threads)
 
@@ -84,6 +137,10 @@ def nnunet_env(tmp_path: Path) -> dict[str, str]:
 
 
 CONFIG = "3d_unetr_tiny"
+# the configurations of the shared workflow's datasets (501 -> 502, 503), all added when it is built: a test that
+# adds another works on a copy (plans transfer re-preprocesses the target, under every test reading it)
+SHARED_PRESETS = ("tiny", "unet_tiny")
+CNN_BASE_PRESET = "unet_tiny_base"  # the CNN forms' CT base (501 only): long enough to segment the phantom
 
 
 def checkpoint_of(env: dict[str, str], dataset: str, trainer: str) -> Path:
@@ -95,11 +152,68 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict]) -> dict:
+    """`build(root)` once per test run, also across pytest-xdist's workers (their temporary folders share a
+    parent): the first to ask builds under a lock, the others wait and read what it returned (paths and strings),
+    with the workspace's `root` and its nnU-Net environment `env`. A build that failed is not tried again."""
+    base = tmp_path_factory.getbasetemp()
+    if WORKERS > 1:
+        base = base.parent
+    root, record, started = base / name, base / f"{name}.json", base / f"{name}.started"
+    with FileLock(str(base / f"{name}.lock")):
+        if not record.exists():
+            if started.exists():
+                pytest.fail(f"building the shared workspace {name} failed earlier in this run")
+            started.touch()
+            root.mkdir(exist_ok=True)
+            built = build(root)
+            record.write_text(json.dumps({k: {"path": str(v)} if isinstance(v, Path) else v
+                                          for k, v in built.items()}))
+    built = {k: Path(v["path"]) if isinstance(v, dict) and set(v) == {"path"} else v
+             for k, v in json.loads(record.read_text()).items()}
+    return {**built, "root": root, "env": nnunet_environment(root)}
+
+
+def _link_checkpoints(source: str, target: str) -> None:
+    """Checkpoints and adapter files are hard-linked (nothing rewrites an existing one), the rest copied."""
+    if source.endswith((".pth", ".safetensors")):
+        os.link(source, target)
+    else:
+        shutil.copy2(source, target)
+
+
+def workspace_copy(workspace: dict, folder: Path) -> dict:
+    """A private copy of a shared workspace, for a test that adds a dataset, a configuration or a fold: the
+    workspace's files under FOLDER, and every path and nnU-Net folder of it pointed there. Shared workspaces
+    stay as built, whatever order the tests run in and whichever runs beside them. (A file that a refused
+    command beside it created and removed while it was copied is not an error.)"""
+    source = workspace["root"]
+    try:
+        shutil.copytree(source, folder, symlinks=True, copy_function=_link_checkpoints, dirs_exist_ok=True)
+    except shutil.Error as e:
+        failed = [error for error in e.args[0] if Path(error[0]).exists()]
+        if failed:
+            raise shutil.Error(failed) from None
+    moved = {k: folder / v.relative_to(source) if isinstance(v, Path) and v.is_relative_to(source) else v
+             for k, v in workspace.items()}
+    return {**moved, "root": folder, "env": {**workspace["env"], **nnunet_environment(folder)}}
+
+
+@pytest.fixture
+def own_workflow(workflow: dict, tmp_path: Path) -> dict:
+    """The session's workflow, copied for one test that adds to it."""
+    return workspace_copy(workflow, tmp_path / "workspace")
+
+
 @pytest.fixture(scope="session")
 def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The README workflow through nnU-Net's commands on phantom data (tiny preset), run once per session:
-    CT base (501) -> PEMMA adaptation on MDA CT+PET (502) -> LoRA-only continual update on HGJ CT (503)."""
-    root = tmp_path_factory.mktemp("workflow")
+    CT base (501) -> PEMMA adaptation on MDA CT+PET (502) -> LoRA-only continual update on HGJ CT (503).
+    Read-only to tests: one that adds a dataset, configuration or fold works on `workspace_copy`."""
+    return built_once(tmp_path_factory, "workflow", _build_workflow)
+
+
+def _build_workflow(root: Path) -> dict:
     env = nnunet_environment(root)
     data = root / "hecktor"
     run_ok(["pemma", "phantom", str(data), "--cases-per-center", "5", "--labelled-test-cases-per-center", "2",
@@ -109,48 +223,54 @@ def workflow(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--centers", "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
     run_ok(["nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "--verify_dataset_integrity",
             "-np", "1"], env)
-    run_ok(["pemma", "plans", "add", "501", "--preset", "tiny"], env)
+    for preset in (*SHARED_PRESETS, CNN_BASE_PRESET):
+        run_ok(["pemma", "plans", "add", "501", "--preset", preset], env)
     base_log = run_ok(["nnUNetv2_train", "501", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)
     base = checkpoint_of(env, "Dataset501_HNC_CT", "UNETRTrainer")
 
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "502", "--name", "HNC_CTPET_MDA",
             "--centers", "MDA", "--modalities", "CT", "PET"], env)
-    run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", "tiny"], env)
+    for preset in SHARED_PRESETS:
+        run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", preset], env)
     run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "PEMMATrainer", "-device", "cpu",
             "-pretrained_weights", str(base)], env)
     adapted = checkpoint_of(env, "Dataset502_HNC_CTPET_MDA", "PEMMATrainer")
 
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "503", "--name", "HNC_CT_HGJ",
             "--centers", "HGJ", "--modalities", "CT"], env)
-    run_ok(["pemma", "plans", "transfer", "501", "503", "--preset", "tiny"], env)
+    for preset in SHARED_PRESETS:
+        run_ok(["pemma", "plans", "transfer", "501", "503", "--preset", preset], env)
     run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
             "-pretrained_weights", str(adapted)], env)
     continual = checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "PEMMAContinualTrainer")
-    return {"env": env, "root": root, "base": base, "adapted": adapted, "continual": continual,
-            "base_log": base_log.stdout}
+    return {"base": base, "adapted": adapted, "continual": continual, "base_log": base_log.stdout}
 
 
-CNN_CONFIG = "3d_fullres_unet_tiny"
+CNN_CONFIG, CNN_BASE_CONFIG = "3d_fullres_unet_tiny", "3d_fullres_unet_tiny_base"
 CTPET_MDA, CT_HGJ = "Dataset502_HNC_CTPET_MDA", "Dataset503_HNC_CT_HGJ"
 
 
-def cnn_checkpoint(env: dict[str, str], dataset: str, trainer: str) -> Path:
-    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{CNN_CONFIG}" / "fold_0" / \
+def cnn_checkpoint(env: dict[str, str], dataset: str, trainer: str, config: str = CNN_CONFIG) -> Path:
+    return Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{config}" / "fold_0" / \
         "checkpoint_final.pth"
 
 
 @pytest.fixture(scope="session")
-def cnn_models(workflow: dict) -> dict:
+def cnn_models(workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The CNN forms on the workflow's datasets (unet_tiny preset): a CT base of nnU-Net's U-Net
-    (nnUNetPresetTrainer on 501's CT) -> PEMMACNNTrainer on MDA CT+PET (502) -> PEMMACNNContinualTrainer on HGJ CT
-    (503); nnUNetChannelDropoutTrainer from scratch and EarlyFusionCNNTrainer from the base on 502. Used by the
-    CNN tests and the peer table's rows."""
-    env = workflow["env"]
-    run_ok(["pemma", "plans", "add", "501", "--preset", "unet_tiny"], env)
-    run_ok(["nnUNetv2_train", "501", CNN_CONFIG, "0", "-tr", "nnUNetPresetTrainer", "-device", "cpu"], env)
-    base = cnn_checkpoint(env, "Dataset501_HNC_CT", "nnUNetPresetTrainer")
-    for target in ("502", "503"):
-        run_ok(["pemma", "plans", "transfer", "501", target, "--preset", "unet_tiny"], env)
+    (nnUNetPresetTrainer on 501's CT, unet_tiny_base) -> PEMMACNNTrainer on MDA CT+PET (502) ->
+    PEMMACNNContinualTrainer on HGJ CT (503); nnUNetChannelDropoutTrainer from scratch and EarlyFusionCNNTrainer from the base on 502. Used by the
+    CNN tests and the peer table's rows. Trained once into a copy of the workflow (which it holds too), read-only
+    to tests."""
+    return {**built_once(tmp_path_factory, "cnn_models", lambda root: _build_cnn_models(workflow, root)),
+            "unetr_base": workflow["base"]}
+
+
+def _build_cnn_models(workflow: dict, root: Path) -> dict:
+    # seeded: the Dice floor of test_pemma_cnn_workflow is set from a measured run of these models
+    env = {**workspace_copy(workflow, root)["env"], SEED_ENV: "0"}
+    run_ok(["nnUNetv2_train", "501", CNN_BASE_CONFIG, "0", "-tr", "nnUNetPresetTrainer", "-device", "cpu"], env)
+    base = cnn_checkpoint(env, "Dataset501_HNC_CT", "nnUNetPresetTrainer", CNN_BASE_CONFIG)
     run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "PEMMACNNTrainer", "-device", "cpu",
             "-pretrained_weights", str(base)], env)
     adapted = cnn_checkpoint(env, CTPET_MDA, "PEMMACNNTrainer")
@@ -159,10 +279,27 @@ def cnn_models(workflow: dict) -> dict:
     run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "nnUNetChannelDropoutTrainer", "-device", "cpu"], env)
     run_ok(["nnUNetv2_train", "502", CNN_CONFIG, "0", "-tr", "EarlyFusionCNNTrainer", "-device", "cpu",
             "-pretrained_weights", str(base)], env)
-    return {"env": env, "base": base, "adapted": adapted, "unetr_base": workflow["base"],
+    return {"base": base, "adapted": adapted,
             "continual": cnn_checkpoint(env, CT_HGJ, "PEMMACNNContinualTrainer"),
             "dropout": cnn_checkpoint(env, CTPET_MDA, "nnUNetChannelDropoutTrainer"),
             "fusion": cnn_checkpoint(env, CTPET_MDA, "EarlyFusionCNNTrainer")}
+
+
+@pytest.fixture(scope="session")
+def reproduction(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`pemma reproduce --scope demo` and then `pemma compare` at the tiny presets on a small phantom, end to end in
+    one folder (compare reuses the reproduction's CT base, PEMMA and early fusion): the peer table's models and
+    the commands' own tables, built once, read-only to tests."""
+    return built_once(tmp_path_factory, "reproduction", _build_reproduction)
+
+
+def _build_reproduction(root: Path) -> dict:
+    env = nnunet_environment(root)  # the nnU-Net folders the commands make under --out
+    common = ["--phantom", "--preset", "tiny", "--out", str(root), "--cases-per-center", "5",
+              "--labelled-test-cases-per-center", "2", "--cpu-jobs", str(1 if WORKERS > 1 else 2)]
+    reproduce = run_ok(["pemma", "reproduce", "--scope", "demo", *common], env, timeout=2400)
+    compare = run_ok(["pemma", "compare", *common], env, timeout=2400)
+    return {"reproduce_stdout": reproduce.stdout, "compare_stdout": compare.stdout}
 
 
 def assert_conversion_interrupted(proc, stderr, why: str, raw: Path) -> None:
