@@ -179,8 +179,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                                    "cases: Dice, HD95, precision, recall per class, parameters, inference time per "
                                    "case. Markdown, CSV and PNG. benchmarks/peer_table.py adds step time and memory.")
     _add_job_graph_options(p)
-    p.add_argument("--preset", choices=("demo", "paper"), default="demo",
-                   help="the size of every row: demo (CPU; the peers' *_demo presets) or paper")
+    p.add_argument("--preset", choices=("tiny", "demo", "paper"), default="demo",
+                   help="the size of every row: demo (CPU; the peers' *_demo presets), paper, or tiny (the peers' "
+                        "*_tiny presets: a check of the whole command in minutes, no usable scores)")
     p.add_argument("--out", required=True,
                    help="output folder (holds its own nnU-Net folders); may be a finished `pemma demo`/`reproduce` "
                         "run of the same preset, whose models it reuses")

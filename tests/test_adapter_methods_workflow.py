@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights
+from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights, workspace_copy
 from nnunetv2_pemma.adaptation.methods import is_added
 from nnunetv2_pemma.adaptation.mixture import expert_parameter_key
 from nnunetv2_pemma.inference.predictor import _center_groups
@@ -27,9 +27,11 @@ TRAINERS = {"moa": ("PEMMAMoATrainer", "PEMMAMoAContinualTrainer"),
 
 
 @pytest.fixture(scope="module")
-def methods(workflow: dict) -> dict:
-    env = workflow["env"]
-    out = {}
+def methods(workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Each method's adaptation and continual update, trained in a copy of the session's workflow."""
+    workspace = workspace_copy(workflow, tmp_path_factory.mktemp("methods") / "workspace")
+    env = workspace["env"]
+    out = {"workspace": workspace, "env": env}
     for method, (adapting, continual) in TRAINERS.items():
         run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", adapting, "-device", "cpu",
                 "-pretrained_weights", str(workflow["base"])], env)
@@ -100,7 +102,7 @@ def test_predict_any_modality_subset(workflow: dict, methods: dict, tmp_path: Pa
     """C, P and CP inference from the updated model, whose last data had CT alone (an MDA case and a case of the
     new centre, which a centre-routed mixture predicts with another expert). One process for the three, as
     `pemma predict` calls `predict`; the command itself is tested in test_workflow.py."""
-    env = workflow["env"]
+    env = methods["env"]
     images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
     for name, channels in (("CT_PET", [0, 1]), ("CT", [0]), ("PET", [1])):
@@ -120,7 +122,7 @@ def test_predict_any_modality_subset(workflow: dict, methods: dict, tmp_path: Pa
 
 def test_nnunet_predict_uses_the_unknown_centre_rule(workflow: dict, methods: dict, tmp_path: Path) -> None:
     """nnUNetv2_predict passes no case ids: the centre-routed model averages its experts (and runs)."""
-    env = workflow["env"]
+    env = methods["env"]
     images = Path(env["nnUNet_raw"]) / "Dataset503_HNC_CT_HGJ" / "imagesTr"
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
     (tmp_path / "in").mkdir()
@@ -142,13 +144,14 @@ def test_pemma_predict_groups_cases_by_centre_for_a_centre_routed_mixture() -> N
     assert _center_groups(Net("lora", "center"), cases) == [(None, cases)]
 
 
-def test_resumed_and_validated_continual_runs_rebuild_the_network(workflow: dict, methods: dict) -> None:
+def test_resumed_and_validated_continual_runs_rebuild_the_network(methods: dict, tmp_path: Path) -> None:
     """`--c` and `--val` rebuild the continual network from the run's own checkpoint: the mixture with the new
     centre's expert, which the dataset's plans do not list (context priors take the same path: the method
     options its checkpoint records)."""
-    env = workflow["env"]
     method = "moa"
-    _, continual = methods[method]
+    workspace = workspace_copy(methods["workspace"], tmp_path / "workspace")  # the test adds a fold
+    env = workspace["env"]
+    continual = workspace["root"] / methods[method][1].relative_to(methods["workspace"]["root"])
     trainer = TRAINERS[method][1]
     fold = continual.parent.parent / "fold_3"
     fold.mkdir()

@@ -60,13 +60,14 @@ def test_bad_section_names_the_preset(tmp_path: Path, section) -> None:
 
 
 @pytest.mark.slow
-def test_choice_reaches_nnunets_dataloader(workflow: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choice_reaches_nnunets_dataloader(own_workflow: dict, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Through nnU-Net's own trainer set-up: the preset's choice decides the dataloader's transforms and patch
     size; a configuration without the section gets nnU-Net's full pipeline and enlarged sampling patch."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    env = workflow["env"]
+    env = own_workflow["env"]
     preset = json.loads((REPO / "plans" / "tiny.json").read_text())
     preset |= {"configuration": "3d_unetr_tiny_mirror", "data_augmentation": {"spatial": False, "intensity": False}}
     path = tmp_path / "tiny_mirror.json"

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights
+from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights, workspace_copy
 
 pytestmark = pytest.mark.slow
 
@@ -18,14 +18,15 @@ PATCH_EMBEDDING = "vit.patch_embedding.patch_embeddings.weight"
 
 
 @pytest.fixture(scope="module")
-def early_fusion(workflow: dict) -> dict:
-    env = workflow["env"]
+def early_fusion(workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    env = workspace_copy(workflow, tmp_path_factory.mktemp("early_fusion") / "workspace")["env"]
     run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "EarlyFusionTrainer_zeroinit", "-device", "cpu",
             "-pretrained_weights", str(workflow["base"])], env)
     adapted = checkpoint_of(env, "Dataset502_HNC_CTPET_MDA", "EarlyFusionTrainer_zeroinit")
     run_ok(["nnUNetv2_train", "503", CONFIG, "0", "-tr", "EarlyFusionTrainer", "-device", "cpu",
             "-pretrained_weights", str(adapted)], env)
-    return {"adapted": adapted, "updated": checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "EarlyFusionTrainer")}
+    return {"adapted": adapted, "updated": checkpoint_of(env, "Dataset503_HNC_CT_HGJ", "EarlyFusionTrainer"),
+            "env": env}
 
 
 def test_early_fusion_widens_and_trains_the_whole_model(workflow: dict, early_fusion: dict) -> None:
@@ -52,9 +53,8 @@ def test_early_fusion_refuses_a_pemma_checkpoint(workflow: dict) -> None:
 
 
 @pytest.mark.parametrize("modalities", [["CT", "PET"], ["PET"]])
-def test_early_fusion_predicts_from_any_subset(workflow: dict, early_fusion: dict, tmp_path: Path,
-                                               modalities: list[str]) -> None:
-    env = workflow["env"]
+def test_early_fusion_predicts_from_any_subset(early_fusion: dict, tmp_path: Path, modalities: list[str]) -> None:
+    env = early_fusion["env"]
     images = Path(env["nnUNet_raw"]) / "Dataset502_HNC_CTPET_MDA" / "imagesTr"
     case = sorted(images.glob("*_0000.nii.gz"))[0].name[:-len("_0000.nii.gz")]
     (tmp_path / "in").mkdir()
@@ -67,9 +67,9 @@ def test_early_fusion_predicts_from_any_subset(workflow: dict, early_fusion: dic
     assert set(np.unique(pred)) <= {0, 1, 2}
 
 
-def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Path) -> None:
-    env = workflow["env"]
-    data = workflow["root"] / "hecktor"
+def test_late_fusion_averages_a_ct_and_a_pet_model(own_workflow: dict, tmp_path: Path) -> None:
+    env = own_workflow["env"]
+    data = own_workflow["root"] / "hecktor"
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "505", "--name", "HNC_PET_MDA",
             "--centers", "MDA", "--modalities", "PET"], env)
     run_ok(["pemma", "plans", "transfer", "501", "505", "--preset", "tiny"], env)
@@ -107,8 +107,8 @@ def test_late_fusion_averages_a_ct_and_a_pet_model(workflow: dict, tmp_path: Pat
     assert set(np.unique(sitk.GetArrayFromImage(outputs["0.5"]))) <= {0, 1, 2}
 
 
-def test_dora_adaptation_and_continual_update(workflow: dict, tmp_path: Path) -> None:
-    env = workflow["env"]
+def test_dora_adaptation_and_continual_update(workflow: dict, own_workflow: dict) -> None:
+    env = own_workflow["env"]
     run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "PEMMADoRATrainer", "-device", "cpu",
             "-pretrained_weights", str(workflow["base"])], env)
     adapted = checkpoint_of(env, "Dataset502_HNC_CTPET_MDA", "PEMMADoRATrainer")
@@ -125,9 +125,9 @@ def test_dora_adaptation_and_continual_update(workflow: dict, tmp_path: Path) ->
     assert proc.returncode != 0 and "adapter method lora (checkpoint) vs dora" in proc.stderr
 
 
-def test_swin_workflow_runs_unchanged(workflow: dict, tmp_path: Path) -> None:
+def test_swin_workflow_runs_unchanged(own_workflow: dict, tmp_path: Path) -> None:
     """CT SwinUNETR -> PEMMA adaptation (CT+PET) -> CT-only continual update -> P inference."""
-    env, swin = workflow["env"], "3d_swinunetr_tiny"
+    env, swin = own_workflow["env"], "3d_swinunetr_tiny"
     run_ok(["pemma", "plans", "add", "501", "--preset", "swin_tiny"], env)
     run_ok(["nnUNetv2_train", "501", swin, "0", "-tr", "SwinUNETRTrainer", "-device", "cpu"], env)
     results = Path(env["nnUNet_results"])

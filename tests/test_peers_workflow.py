@@ -1,9 +1,10 @@
-"""The peers through nnU-Net's commands on the session's phantom workflow (tiny presets): nnU-Net's U-Net under a
-preset, H2ASeg (CP, C and P inference) and the 2.5D slice-interaction network (from scratch and fine-tuned),
-then the peer table's scoring of every row."""
+"""The peers as `pemma compare` trains them at the tiny presets (conftest's `reproduction`), through nnU-Net's
+commands: nnU-Net's U-Net under a preset, H2ASeg (CP, C and P inference) and the 2.5D slice-interaction network
+(from scratch and fine-tuned), then the command's peer table, checked against the models it trained."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import CONFIG, first_case_inputs, run_cli, run_ok
+from conftest import first_case_inputs, run_cli, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +28,10 @@ def _checkpoint(env: dict[str, str], trainer: str, config: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def peers(workflow: dict) -> dict:
-    """Every peer trained on the workflow's CT+PET dataset (502, MDA) with fold 0, plus early fusion from the CT
-    base and the 2.5D network fine-tuned from its from-scratch model: the rows of the peer table."""
-    env = workflow["env"]
-    for preset, (config, trainer) in PEERS.items():
-        run_ok(["pemma", "plans", "add", "501", "--preset", preset], env)
-        run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", preset], env)
-        run_ok(["nnUNetv2_train", "502", config, "0", "-tr", trainer, "-device", "cpu"], env)
-    scratch = _checkpoint(env, "SliceInteractionTrainer", "2d_slices25d_tiny")
-    run_ok(["nnUNetv2_train", "502", "2d_slices25d_tiny", "0", "-tr", "SliceInteractionFineTuningTrainer", "-device",
-            "cpu", "-pretrained_weights", str(scratch)], env)
-    run_ok(["nnUNetv2_train", "502", CONFIG, "0", "-tr", "EarlyFusionTrainer", "-device", "cpu",
-            "-pretrained_weights", str(workflow["base"])], env)
-    return {"env": env}
+def peers(reproduction: dict) -> dict:
+    """Every peer trained by `pemma compare` on the CT+PET dataset (502, MDA) with fold 0, beside early fusion and
+    PEMMA from the CT base and the 2.5D network fine-tuned from its model pre-trained on the other centres."""
+    return reproduction
 
 
 def _inputs(env: dict[str, str], folder: Path, modalities: list[str]) -> str:
@@ -127,27 +118,44 @@ def test_fine_tuning_needs_its_pretrained_model(peers: dict) -> None:
         "nnUNetv2_train: error: SliceInteractionFineTuningTrainer fine-tunes a pre-trained 2.5D model")
 
 
-def test_peer_table_scores_every_row(workflow: dict, peers: dict, cnn_models: dict) -> None:
-    """`pemma compare`'s scoring on the workflow's models (the tiny presets stand in for the demo's)."""
-    from nnunetv2_pemma.experiments.compare import LABELS, METRICS, ROWS, Comparison, score_rows, write_table
+def test_compare_writes_the_peer_table_of_the_models_it_trained(peers: dict, tmp_path: Path) -> None:
+    """`pemma compare`'s own table (comparison.csv/.md/.png): every row and input, scored on MDA's labelled test
+    cases, parameters from the trained networks; H2ASeg's CT+PET cell re-scored here from nnU-Net's own
+    prediction of the same cases."""
+    from nnunetv2_pemma.experiments.compare import LABELS, METRICS, ROWS
 
-    comparison = Comparison(workflow["root"], workflow["root"] / "hecktor", "tiny", "cpu")
-    rows = score_rows(comparison, tta=False)
+    root = peers["root"]
+    with (root / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
     assert [(r["method"], r["infer"]) for r in rows] == [(row.name, i) for row in ROWS for i in row.infers]
     for r in rows:
-        # MDA's labelled test cases (the workflow's phantom has 2 per centre), never its training cases
-        assert (r["cases"], r["scored_on"]) == (2, "labelled test cases"), r
+        assert r["cases"] == "2", r  # the phantom's two labelled test cases of MDA, never its training cases
         for column in (f"{label} {metric}" for label in LABELS for metric in METRICS):
-            value = r[column]
+            value = float(r[column])
             assert math.isnan(value) or (0 <= value <= 1 if not column.endswith("hd95_mm") else value >= 0)
-        assert 0 < r["trainable"] <= r["total"] and r["inference_s_per_case"] > 0
+        assert 0 < int(r["trainable"]) <= int(r["total"]) and float(r["inference_s_per_case"]) > 0
     for name in ("PEMMA", "PEMMA on nnU-Net's U-Net"):
         row = next(r for r in rows if r["method"] == name)
-        assert row["trainable"] < 0.2 * row["total"], name
-    pemma = next(r for r in rows if r["method"] == "PEMMA")
+        assert int(row["trainable"]) < 0.2 * int(row["total"]), name
     early = next(r for r in rows if r["method"] == "UNETR early fusion")
-    assert pemma["trainable"] < 0.2 * pemma["total"]
-    assert 0.99 * early["total"] < early["trainable"] < early["total"]  # all but MONAI's unused cross-attention norms
-    paths = write_table(rows, workflow["root"], "peer_test")
-    assert all(p.stat().st_size > 0 for p in paths.values())
-    assert paths["md"].read_text().count("\n| ") == len(rows) + 1
+    # all but MONAI's unused cross-attention norms
+    assert 0.99 * int(early["total"]) < int(early["trainable"]) < int(early["total"])
+    markdown = (root / "comparison.md").read_text()
+    assert markdown.count("\n| ") == len(rows) + 1 and markdown.strip() in peers["compare_stdout"]
+    assert (root / "comparison.png").stat().st_size > 0
+
+    raw = Path(peers["env"]["nnUNet_raw"]) / CTPET
+    (tmp_path / "in").mkdir()
+    for image in (raw / "imagesTs").glob("*.nii.gz"):
+        (tmp_path / "in" / image.name).symlink_to(image)
+    config, trainer = PEERS["h2aseg_tiny"]
+    run_ok(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", config,
+            "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], peers["env"])
+    run_ok(["pemma", "evaluate", "--pred", str(tmp_path / "out"), "--gt", str(raw / "labelsTs"), "--json",
+            str(tmp_path / "scores.json")], peers["env"])
+    mean = json.loads((tmp_path / "scores.json").read_text())["mean"]
+    cell = next(r for r in rows if r["method"] == "H2ASeg" and r["infer"] == "CP")
+    for label in LABELS:
+        expected = mean[label]["dice"]
+        assert math.isclose(float(cell[f"{label} dice"]), expected, abs_tol=1e-6) if expected is not None \
+            else math.isnan(float(cell[f"{label} dice"])), label

@@ -33,8 +33,8 @@ def test_plans_add_on_an_unplanned_dataset_names_the_dataset_id(tmp_path: Path) 
     assert "run `nnUNetv2_plan_and_preprocess -d 603 -c 3d_fullres` first" in line
 
 
-def test_plans_add_keeps_a_differing_configuration_unless_overwrite(workflow: dict, tmp_path: Path) -> None:
-    env = workflow["env"]
+def test_plans_add_keeps_a_differing_configuration_unless_overwrite(own_workflow: dict, tmp_path: Path) -> None:
+    env = own_workflow["env"]
     folder = Path(env["nnUNet_preprocessed"]) / "Dataset501_HNC_CT"
     shutil.copy(folder / "nnUNetPlans.json", folder / "nnUNetPlansCopy.json")
     run_ok(["pemma", "plans", "add", "501", "--preset", "tiny", "--plans", "nnUNetPlansCopy"], env)  # same again

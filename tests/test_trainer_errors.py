@@ -58,12 +58,12 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_outside_nnunetv2_train_the_error_propagates(workflow: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outside_nnunetv2_train_the_error_propagates(own_workflow: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (benchmarks, tests) a trainer raises its PemmaError instead of exiting."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, workflow["env"][name])
+        monkeypatch.setenv(name, own_workflow["env"][name])
     with pytest.raises(PlansError, match="SwinUNETRTrainer trains a SwinUNETR"):
         get_trainer_from_args("501", CONFIG, 0, "SwinUNETRTrainer", device=torch.device("cpu"))
 

@@ -52,14 +52,15 @@ CHECKS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer_name", sorted(CHECKS))
-def test_variant_reaches_the_network_and_the_plans(workflow: dict, trainer_name: str,
+def test_variant_reaches_the_network_and_the_plans(own_workflow: dict, trainer_name: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """(On a copy of the workflow: nnU-Net's trainer makes its output folder.)"""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
     from nnunetv2.run.run_training import get_trainer_from_args
 
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        monkeypatch.setenv(name, workflow["env"][name])
-    base = str(workflow["base"])
+        monkeypatch.setenv(name, own_workflow["env"][name])
+    base = str(own_workflow["base"])
     monkeypatch.setattr(sys, "argv", ["nnUNetv2_train", "502", CONFIG, "0", "-tr", trainer_name,
                                       "-pretrained_weights", base])
     trainer = get_trainer_from_args("502", CONFIG, 0, trainer_name, device=torch.device("cpu"))

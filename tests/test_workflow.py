@@ -171,35 +171,36 @@ def test_continual_trainer_refuses_a_checkpoint_whose_base_changed(workflow: dic
                               f"({workflow['base'].resolve()}, fingerprint ")
 
 
-def test_continual_update_of_a_checkpoint_without_record_records_its_own_base(workflow: dict,
+def test_continual_update_of_a_checkpoint_without_record_records_its_own_base(own_workflow: dict,
                                                                               tmp_path: Path) -> None:
     """A PEMMA checkpoint of release 0.2 records no CT base: the continual update records the checkpoint's own
     base tensors, and the checkpoint itself as their file."""
     from nnunetv2_pemma.adaptation.provenance import base_fingerprint
 
-    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    checkpoint = torch.load(own_workflow["adapted"], map_location="cpu", weights_only=False)
     del checkpoint["init_args"]["pemma_base"]
     old = tmp_path / "release_0.2.pth"
     torch.save(checkpoint, old)
     run_ok(["nnUNetv2_train", "503", CONFIG, "2", "-tr", "PEMMAContinualTrainer", "-device", "cpu",
-            "-pretrained_weights", str(old)], workflow["env"])
-    updated = workflow["continual"].parent.parent / "fold_2" / "checkpoint_final.pth"
-    assert _base_record(updated) == {"base_fingerprint": base_fingerprint(_weights(workflow["base"])),
+            "-pretrained_weights", str(old)], own_workflow["env"])
+    updated = own_workflow["continual"].parent.parent / "fold_2" / "checkpoint_final.pth"
+    assert _base_record(updated) == {"base_fingerprint": base_fingerprint(_weights(own_workflow["base"])),
                                      "base_file": str(old.resolve())}
 
 
-def test_resumed_and_validated_runs_keep_the_base_record(workflow: dict) -> None:
+def test_resumed_and_validated_runs_keep_the_base_record(own_workflow: dict) -> None:
     """The record lives in nnU-Net's init_args, which `--c` restores from the checkpoint and saves again, also in
     the adapter; `--val` loads it too."""
-    env = workflow["env"]
-    fold5 = workflow["adapted"].parent.parent / "fold_5"
+    env = own_workflow["env"]
+    fold5 = own_workflow["adapted"].parent.parent / "fold_5"
     fold5.mkdir()
-    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    checkpoint = torch.load(own_workflow["adapted"], map_location="cpu", weights_only=False)
     checkpoint["current_epoch"] = 2  # the last epoch is done: on_train_end writes the final checkpoint at once
     torch.save(checkpoint, fold5 / "checkpoint_latest.pth")
     run_ok(["nnUNetv2_train", "502", CONFIG, "5", "-tr", "PEMMATrainer", "-device", "cpu", "--c"], env)
-    assert _base_record(fold5 / "checkpoint_final.pth") == _base_record(workflow["adapted"])
-    assert _adapter_metadata(fold5 / "checkpoint_final.pth")["base_file"] == str(workflow["base"].resolve())
+    assert _base_record(fold5 / "checkpoint_final.pth") == _base_record(own_workflow["adapted"])
+    assert _adapter_metadata(fold5 / "checkpoint_final.pth")["base_file"] == \
+        _base_record(own_workflow["adapted"])["base_file"]  # the shared workflow's base, which the copy came from
     # with one export worker the validation ran in threads (worker_pools); nnU-Net's spawned processes write the same
     threads = {p.name: p.read_bytes() for p in (fold5 / "validation").glob("*.nii.gz")}
     summary = json.loads((fold5 / "validation" / "summary.json").read_text())
@@ -286,10 +287,10 @@ def test_apply_adapter_that_does_not_fit_leaves_nothing(workflow: dict, tmp_path
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
-def test_predict_restores_the_original_ct_grid(workflow: dict, tmp_path: Path) -> None:
+def test_predict_restores_the_original_ct_grid(own_workflow: dict, tmp_path: Path) -> None:
     """Cases cropped by convert-hecktor come back into the original CT grid with --crop-records."""
-    env = workflow["env"]
-    run_ok(["pemma", "convert-hecktor", str(workflow["root"] / "hecktor"), "--dataset-id", "504", "--name",
+    env = own_workflow["env"]
+    run_ok(["pemma", "convert-hecktor", str(own_workflow["root"] / "hecktor"), "--dataset-id", "504", "--name",
             "HNC_MDA_CROPPED", "--centers", "MDA", "--modalities", "CT", "PET", "--crop-size-mm", "40", "40", "40"],
            env)
     raw = Path(env["nnUNet_raw"]) / "Dataset504_HNC_MDA_CROPPED"
@@ -298,7 +299,7 @@ def test_predict_restores_the_original_ct_grid(workflow: dict, tmp_path: Path) -
     out = tmp_path / "out"
     run_ok(["pemma", "predict", "-i", str(inputs), "-o", str(out), "-d", "502", "-c", CONFIG, "-tr", "PEMMATrainer",
             "-f", "0", "-device", "cpu", "--disable_tta", "--crop-records", str(raw)], env)
-    original = sitk.ReadImage(str(workflow["root"] / "hecktor" / "imagesTr" / f"{case}__CT.nii.gz"))
+    original = sitk.ReadImage(str(own_workflow["root"] / "hecktor" / "imagesTr" / f"{case}__CT.nii.gz"))
     cropped = sitk.ReadImage(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
     restored = sitk.ReadImage(str(out / f"{case}.nii.gz"))
     assert cropped.GetSize() != original.GetSize()
@@ -307,16 +308,16 @@ def test_predict_restores_the_original_ct_grid(workflow: dict, tmp_path: Path) -
     assert np.allclose(restored.GetSpacing(), original.GetSpacing())
 
 
-def test_resume_keeps_frozen_weights_frozen(workflow: dict) -> None:
+def test_resume_keeps_frozen_weights_frozen(own_workflow: dict) -> None:
     """`--c` from a mid-training checkpoint rebuilds the adapted network and its frozen base."""
-    env = workflow["env"]
-    fold4 = workflow["adapted"].parent.parent / "fold_4"
+    env = own_workflow["env"]
+    fold4 = own_workflow["adapted"].parent.parent / "fold_4"
     fold4.mkdir()
-    checkpoint = torch.load(workflow["adapted"], map_location="cpu", weights_only=False)
+    checkpoint = torch.load(own_workflow["adapted"], map_location="cpu", weights_only=False)
     checkpoint["current_epoch"] = 1
     torch.save(checkpoint, fold4 / "checkpoint_latest.pth")
     run_ok(["nnUNetv2_train", "502", CONFIG, "4", "-tr", "PEMMATrainer", "-device", "cpu", "--c"], env)
-    resumed, base = _weights(fold4 / "checkpoint_final.pth"), _weights(workflow["base"])
+    resumed, base = _weights(fold4 / "checkpoint_final.pth"), _weights(own_workflow["base"])
     assert all(torch.equal(base[k], resumed[k]) for k in base)
-    adapted = _weights(workflow["adapted"])
+    adapted = _weights(own_workflow["adapted"])
     assert any(not torch.equal(adapted[k], resumed[k]) for k in resumed if "lora" in k), "resumed run did not train"
