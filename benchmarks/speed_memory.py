@@ -8,7 +8,8 @@ Default: the paper preset on CUDA when a GPU is present, else the tiny preset on
 
 How
     benchmarks/workspace.py makes nnU-Net folders with the README's commands on a one-case phantom (a temporary
-    folder, or --workspace DIR, kept and reused). Each setup is a benchmarking trainer of
+    folder, or --workspace DIR, kept and reused; the peers' configurations only for the --setups that need
+    them). Each setup is a benchmarking trainer of
     nnunetv2_pemma.trainers.benchmarking.step_timing: the real trainer, started as nnUNetv2_train starts it,
     whose step is its own nnU-Net ``train_step`` (forward, the loss of ``_build_loss``, backward, clipping at 12,
     optimiser step; autocast fp16 with GradScaler on CUDA) on one random batch of the preset's batch and patch
@@ -117,6 +118,7 @@ INFERENCE = {  # row: (setup whose network predicts, label)
     "h2aseg_CP": ("h2aseg", "H2ASeg (CP)"),
     "slices25d_CP": ("slices25d", "2.5D slice interaction (CP)"),
 }
+PEER_OF_CONFIGURATION = {"h2aseg": "h2aseg", "slices25d": "slices25d", "cnn": "unet"}  # workspace.PEERS
 VOLUMES = {"tiny": (32, 48, 48), "demo": (32, 48, 48), "paper": (192, 192, 192)}
 DEFAULTS = {"cpu": {"warmup": 3, "steps": 10, "cases": 5, "threads": 1},
             "cuda": {"warmup": 5, "steps": 20, "cases": 5, "threads": None}}
@@ -335,11 +337,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workspace", type=Path, default=None, metavar="DIR",
                         help="nnU-Net folders to make (or reuse, when made before for this preset) and keep "
                              "(default: a temporary folder)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="make (or reuse) the --workspace folders and exit without measuring: a later run with "
+                             "the same --workspace measures at once (benchmarks/gpu_check.sh makes them on the CPU "
+                             "while it prepares its own data)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write all numbers as JSON")
     parser.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="also write the tables to OUT")
     args = parser.parse_args(argv)
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
+    if args.prepare_only and args.workspace is None:
+        parser.error("--prepare-only needs --workspace (a temporary folder would be removed at once)")
+    if device_type == "cuda" and not torch.cuda.is_available() and not args.prepare_only:
         parser.error("--device cuda: no CUDA device is available")
     for name in ("steps", "warmup", "cases", "threads"):
         value = getattr(args, name)
@@ -357,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
         root = args.workspace or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pemma_bench_")))
         workspace.use(root)
         _progress(f"nnU-Net folders for preset {preset} in {root}")
-        ws = workspace.prepare(root, preset)
+        peers = {PEER_OF_CONFIGURATION.get(SETUPS[n].configuration) for n in args.setups}
+        ws = workspace.prepare(root, preset, [p for p in workspace.PEERS if p in peers])
+        if args.prepare_only:
+            _progress(f"workspace ready: {root} (--prepare-only: nothing measured)")
+            return
         result = run(ws, args.setups, torch.device(device_type),
                      warmup=defaults["warmup"] if args.warmup is None else args.warmup,
                      steps=args.steps or defaults["steps"], cases=args.cases or defaults["cases"],

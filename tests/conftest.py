@@ -112,7 +112,8 @@ def changed_keys(before: dict[str, torch.Tensor], net: torch.nn.Module) -> set[s
 
 # Modules that start first when tests run side by side: the ones that build the shared workspaces, then the long
 # ones that need none (pytest-xdist hands out modules in collection order, one at a time, per worker).
-FIRST = ("test_workflow.py", "test_prognosis_workflow.py", "test_pemma_cnn_workflow.py", "test_registration.py")
+FIRST = ("test_peers_workflow.py", "test_workflow.py", "test_gpu_check.py", "test_pemma_cnn_workflow.py",
+         "test_prognosis_workflow.py", "test_registration.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -152,24 +153,33 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
 
 
+KEEP_WORKSPACES = "PEMMA_TEST_WORKSPACES"  # a folder that keeps the shared workspaces from one run to the next
+
+
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], dict]) -> dict:
     """`build(root)` once per test run, also across pytest-xdist's workers (their temporary folders share a
-    parent): the first to ask builds under a lock, the others wait and read what it returned (paths and strings),
-    with the workspace's `root` and its nnU-Net environment `env`. A build that failed is not tried again."""
+    parent): the first to ask builds under a lock, the others wait and read what it returned (paths under root,
+    and strings), with the workspace's `root` and its nnU-Net environment `env`. A build that failed is not tried
+    again. With PEMMA_TEST_WORKSPACES=DIR the workspaces live in DIR and are reused by later runs (delete them
+    after changing what they are built with)."""
     base = tmp_path_factory.getbasetemp()
     if WORKERS > 1:
         base = base.parent
-    root, record, started = base / name, base / f"{name}.json", base / f"{name}.started"
+    base = Path(os.environ.get(KEEP_WORKSPACES) or base)
+    base.mkdir(parents=True, exist_ok=True)
+    root, record, started = (base / name, base / f"{name}.json",
+                             base / f"{name}.{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}.started")
     with FileLock(str(base / f"{name}.lock")):
         if not record.exists():
             if started.exists():
                 pytest.fail(f"building the shared workspace {name} failed earlier in this run")
             started.touch()
-            root.mkdir(exist_ok=True)
+            shutil.rmtree(root, ignore_errors=True)  # what a failed or interrupted earlier build left
+            root.mkdir()
             built = build(root)
-            record.write_text(json.dumps({k: {"path": str(v)} if isinstance(v, Path) else v
+            record.write_text(json.dumps({k: {"path": str(v.relative_to(root))} if isinstance(v, Path) else v
                                           for k, v in built.items()}))
-    built = {k: Path(v["path"]) if isinstance(v, dict) and set(v) == {"path"} else v
+    built = {k: root / v["path"] if isinstance(v, dict) and set(v) == {"path"} else v
              for k, v in json.loads(record.read_text()).items()}
     return {**built, "root": root, "env": nnunet_environment(root)}
 
