@@ -82,8 +82,9 @@ def test_ct_and_pet_give_what_nnunets_own_predictor_gives(cnn_models: dict, tmp_
     ours = _pemma_predicted(env, "502", "PEMMACNNTrainer", ["CT", "PET"], tmp_path / "in", tmp_path / "pemma")
     for case in cases:
         reference = _segmentation(theirs / f"{case}.nii.gz")
+        ct = _segmentation(Path(env["nnUNet_raw"]) / CTPET / "imagesTs" / f"{case}_0000.nii.gz")
+        assert reference.shape == ct.shape and set(np.unique(reference)) <= {0, 1, 2}
         assert np.array_equal(_segmentation(ours / f"{case}.nii.gz"), reference), case
-        assert set(np.unique(reference)) <= {0, 1, 2}
 
 
 def test_ct_alone_is_the_ct_base_through_an_independent_path(cnn_models: dict, tmp_path: Path) -> None:
