@@ -21,6 +21,7 @@ from typing import Any
 from nnunetv2_pemma.config import PEMMA_KEY, Preset
 from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.errors import PlansError, warn
+from nnunetv2_pemma.worker_pools import preprocessing_in_threads
 
 __all__ = ["PEMMA_KEY", "add_preset", "channel_modalities", "load_preset", "preset_names", "transfer_plans"]
 
@@ -147,8 +148,32 @@ def _preprocess(dataset_name: str, plans_identifier: str, configuration: str, nu
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
-    preprocess_dataset(convert_dataset_name_to_id(dataset_name), plans_identifier, [configuration],
-                       [num_processes])
+    with preprocessing_in_threads(num_processes):
+        preprocess_dataset(convert_dataset_name_to_id(dataset_name), plans_identifier, [configuration],
+                           [num_processes])
+
+
+def _fingerprint_is_current(raw: Path, fingerprint: Path) -> bool:
+    """Whether FINGERPRINT was written after every file of the raw dataset RAW (dataset.json, images, labels): a
+    second preset transferred to the same dataset reuses it instead of reading every case again."""
+    if not fingerprint.is_file():
+        return False
+    written = fingerprint.stat().st_mtime
+    return all(f.stat().st_mtime < written for f in raw.rglob("*") if f.is_file())
+
+
+def _extract_fingerprint(dataset_name: str, target_folder: Path, num_processes: int) -> dict[str, Any]:
+    """TARGET's dataset fingerprint (nnU-Net's, after its dataset check), extracted again only when the raw
+    dataset changed since the last one."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    fingerprint = target_folder / "dataset_fingerprint.json"
+    if not _fingerprint_is_current(_raw_dir(dataset_name), fingerprint):
+        with preprocessing_in_threads(num_processes):
+            extract_fingerprint_dataset(convert_dataset_name_to_id(dataset_name), num_processes=num_processes,
+                                        check_dataset_integrity=True, clean=True, verbose=False)
+    return json.loads(fingerprint.read_text())
 
 
 def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nnUNetPlans",
@@ -212,10 +237,8 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
     target's reader; then the statistics of channels SOURCE lacks (PET) come from TARGET's own fingerprint and
     every channel gets its modality's normalisation. Then TARGET is preprocessed with those plans.
     """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset
     from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
         move_plans_between_datasets
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     preset = load_preset(preset_name)
     config_name = preset.configuration
@@ -240,9 +263,7 @@ def transfer_plans(source: str | int, target: str | int, preset_name: str, plans
     target_modalities = channel_modalities(json.loads(raw_json.read_text()))
     source_modalities = channel_modalities(json.loads((source_folder / "dataset.json").read_text()))
 
-    extract_fingerprint_dataset(convert_dataset_name_to_id(target_name), num_processes=num_processes,
-                                check_dataset_integrity=True, clean=True, verbose=False)
-    fingerprint = json.loads((target_folder / "dataset_fingerprint.json").read_text())
+    fingerprint = _extract_fingerprint(target_name, target_folder, num_processes)
     shutil.copy(raw_json, target_folder / "dataset.json")
     move_plans_between_datasets(source_name, target_name, plans_identifier)
     plans = json.loads(target_plans_file.read_text())

@@ -1,4 +1,4 @@
-"""nnU-Net's validation pools as threads on a one-worker CPU training (nnunetv2_pemma.training.worker_pools).
+"""nnU-Net's validation pools as threads on a one-worker CPU training (nnunetv2_pemma.worker_pools).
 That the validation writes the same files as nnU-Net's spawned workers: test_workflow's `--val` run."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as training
 import pytest
 import torch
 
-from nnunetv2_pemma.training import worker_pools
+from nnunetv2_pemma import worker_pools
 
 
 def test_pools_are_threads_inside_the_block_and_processes_after() -> None:
@@ -40,3 +40,15 @@ def test_only_a_one_worker_cpu_validation_uses_threads(monkeypatch: pytest.Monke
         assert (training.multiprocessing is not multiprocessing) == threads
         assert (scoring.multiprocessing is not multiprocessing) == threads
     assert training.multiprocessing is multiprocessing
+
+
+@pytest.mark.parametrize("processes,threads", [(1, True), (2, False)])
+def test_only_one_process_planning_uses_threads(processes: int, threads: bool) -> None:
+    import nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor as fingerprint
+    import nnunetv2.experiment_planning.verify_dataset_integrity as integrity
+    import nnunetv2.preprocessing.preprocessors.default_preprocessor as preprocessing
+
+    with worker_pools.preprocessing_in_threads(processes):
+        for module in (fingerprint, integrity, preprocessing):
+            assert (module.multiprocessing is not multiprocessing) == threads
+    assert all(m.multiprocessing is multiprocessing for m in (fingerprint, integrity, preprocessing))

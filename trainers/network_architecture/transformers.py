@@ -13,7 +13,7 @@ from nnunetv2_pemma.trainers.common import FewCasesNeedFoldAll, OneLineErrors
 from nnunetv2_pemma.training.augmentation import select_transforms
 from nnunetv2_pemma.training.seeding import seed_training
 from nnunetv2_pemma.training.threads import limit_cpu_threads
-from nnunetv2_pemma.training.worker_pools import validation_in_threads
+from nnunetv2_pemma.worker_pools import validation_in_threads
 from nnunetv2_pemma.training.optim import build_optimizer
 
 

@@ -6,10 +6,12 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from monai.networks.nets import SwinUNETR
+
+if TYPE_CHECKING:  # MONAI's import takes seconds; commands that only read presets (`pemma plans`) skip it
+    from monai.networks.nets import SwinUNETR
 
 from nnunetv2_pemma.networks.mismatch import shape
 
@@ -113,6 +115,8 @@ def build_swin_unetr(spec: SwinUNETRSpec, in_channels: int, out_channels: int, i
         out_channels: segmentation classes including background.
         img_size: training patch size (D, H, W), each a multiple of 32.
     """
+    from monai.networks.nets import SwinUNETR
+
     spec.check_patch_size(img_size)
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, **spec.kwargs())
 

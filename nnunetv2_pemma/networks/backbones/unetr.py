@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from monai.networks.nets import UNETR
-from monai.networks.nets.vit import ViT
+
+if TYPE_CHECKING:  # MONAI's import takes seconds; commands that only read presets (`pemma plans`) skip it
+    from monai.networks.nets import UNETR
+    from monai.networks.nets.vit import ViT
 
 from nnunetv2_pemma.networks.mismatch import shape
 
@@ -94,6 +96,8 @@ def build_unetr(spec: UNETRSpec, in_channels: int, out_channels: int, img_size: 
         out_channels: segmentation classes including background.
         img_size: training patch size (D, H, W), each a multiple of 16.
     """
+    from monai.networks.nets import UNETR
+
     net = UNETR(in_channels=in_channels, out_channels=out_channels, img_size=spec.check_patch_size(img_size),
                 **spec.kwargs())
     enable_sdpa(net.vit)

@@ -1,10 +1,11 @@
-"""nnU-Net's final validation without spawned worker processes where one worker on CPU is all there is.
+"""nnU-Net's worker pools as threads where one worker is all there is.
 
-nnU-Net exports the validation cases and scores them in two `multiprocessing.get_context("spawn")` pools of
-`nnUNet_def_n_proc` workers. A spawned worker is a fresh interpreter that imports torch and nnU-Net before its
-first case: about 5 s a pool on two CPU cores, twice per training, for tiny validation sets that take a second.
-With one worker on CPU (`nnUNet_def_n_proc=1`, as `pemma demo` and the tests run), a pool of one thread does the
-same: the same functions on the same arguments, overlapping with the next prediction as the process would.
+nnU-Net runs its per-case work in `multiprocessing.get_context("spawn")` pools: the final validation's export and
+scoring (`nnUNet_def_n_proc` workers), and the dataset check, fingerprint and preprocessing of planning (`-np`). A
+spawned worker is a fresh interpreter that imports torch and nnU-Net before its first case: about 5 s a pool on
+two CPU cores (10 s when the cores are busy), for small datasets whose cases take a second. With one worker a
+pool of one thread does the same: the same functions on the same arguments, beside the main thread as the
+process would be.
 """
 
 from __future__ import annotations
@@ -51,4 +52,19 @@ def validation_in_threads(device: torch.device) -> Iterator[None]:
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as training
 
     with thread_pools(training, scoring):
+        yield
+
+
+@contextlib.contextmanager
+def preprocessing_in_threads(num_processes: int) -> Iterator[None]:
+    """nnU-Net's dataset check, fingerprint extraction and preprocessing pools as one thread when
+    `num_processes` is 1 (what `pemma plans` runs them with by default); unchanged otherwise."""
+    if num_processes != 1:
+        yield
+        return
+    import nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor as fingerprint
+    import nnunetv2.experiment_planning.verify_dataset_integrity as integrity
+    import nnunetv2.preprocessing.preprocessors.default_preprocessor as preprocessing
+
+    with thread_pools(fingerprint, integrity, preprocessing):
         yield
