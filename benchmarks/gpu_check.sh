@@ -13,9 +13,10 @@
 #   1. CPU, side by side: speed_memory.py --prepare-only (its one-case nnU-Net folders, in the background) and this
 #      check's data with the README's commands: `pemma phantom` (2 cases per centre, 1 held-out test case per
 #      test centre; paper: --size hecktor, 124x198x198 voxels after preprocessing, so the 96^3 patch fits; tiny:
-#      --size demo, 48x95x95 for the 32^3 patch), `pemma convert-hecktor` (CT base: CHUM CHUP CHUS CHUV, CT;
-#      adaptation: MDA, CT PET), `nnUNetv2_plan_and_preprocess`, `pemma plans add/transfer` of a copy of the preset
-#      with a 10-iteration schedule (5 per epoch, 1 validation iteration; OUT/<preset>_short.json);
+#      --size small, ~48 voxels a side, padded to the 32^3 patch where shorter), `pemma convert-hecktor` (CT
+#      base: CHUM CHUP CHUS CHUV, CT; adaptation: MDA, CT PET), `nnUNetv2_plan_and_preprocess`, `pemma plans
+#      add/transfer` of a copy of the preset with a 10-iteration schedule (5 per epoch, 1 validation iteration;
+#      OUT/<preset>_short.json);
 #   2. device: `nnUNetv2_train` of the CT base (UNETRTrainer, fold 0: 6 of 8 cases) and of PEMMA (PEMMATrainer
 #      -pretrained_weights the base's checkpoint_final.pth, fold `all`: MDA has 2 cases), then on MDA's held-out
 #      case `nnUNetv2_predict` (CT+PET), `pemma predict --modalities CT` and `--modalities PET`;
@@ -108,7 +109,7 @@ eval "$(pemma env --root "$OUT/nnUNet_data")"
 export nnUNet_compile=false PYTHONUNBUFFERED=1
 [[ $DEVICE == cuda ]] || export nnUNet_def_n_proc=1 nnUNet_n_proc_DA=0
 NP=$([[ $DEVICE == cuda ]] && echo 4 || echo 1)  # preprocessing processes
-SIZE=$([[ $PRESET == paper ]] && echo hecktor || echo demo)
+SIZE=$([[ $PRESET == paper ]] && echo hecktor || echo small)
 data=$OUT/phantom raw=$nnUNet_raw results=$nnUNet_results
 
 # the preset with a 10-iteration schedule (same configuration name)

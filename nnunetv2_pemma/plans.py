@@ -21,6 +21,7 @@ from typing import Any
 from nnunetv2_pemma.config import PEMMA_KEY, Preset
 from nnunetv2_pemma.environment import preset_folder
 from nnunetv2_pemma.errors import PlansError, warn
+from nnunetv2_pemma.networks.peers.specs import NNUNetSpec
 from nnunetv2_pemma.worker_pools import preprocessing_in_threads
 
 __all__ = ["PEMMA_KEY", "add_preset", "channel_modalities", "load_preset", "preset_names", "transfer_plans"]
@@ -198,6 +199,8 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
                                      "batch_size": preset.batch_size,
                                      PEMMA_KEY: preset.block(tuple(modalities)).to_json()}
     architecture = _architecture_block(preset)
+    if architecture is None and isinstance(preset.model, NNUNetSpec):
+        architecture = preset.model.narrowed(plans["configurations"][parent]["architecture"])
     if architecture is not None:
         configuration["architecture"] = architecture
     needs_preprocessing = "PET" in modalities

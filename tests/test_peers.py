@@ -37,6 +37,8 @@ def _preset(tmp_path: Path, name: str, **changes) -> Path:
     ("slices25d_tiny", {"model.slices": 4}, "must be odd"),
     ("slices25d_tiny", {"patch_size": [32, 32, 32]}, "2-D patches"),
     ("unet_tiny", {"model.features": 8}, "unknown keys ['features']"),
+    ("unet_tiny", {"model.max_num_features": None}, "base_num_features and max_num_features go together"),
+    ("unet_tiny", {"model.base_num_features": 0}, "must be some positive integers"),
     ("unet_tiny", {"schedule.optimizer": "RMSprop"}, "unsupported optimizer"),
 ])
 def test_bad_peer_presets_are_refused_in_one_line(tmp_path: Path, name: str, changes: dict, message: str) -> None:

@@ -101,11 +101,26 @@ def test_ct_alone_is_the_ct_base_through_an_independent_path(cnn_models: dict, t
         assert np.array_equal(_segmentation(ours / f"{case}.nii.gz"), reference), case
 
 
+def test_the_tiny_unet_is_nnunets_planned_unet_at_the_presets_width(cnn_models: dict) -> None:
+    """unet_tiny(_base) keep 3d_fullres's planned U-Net (stages, kernels, strides) at base 24, max 192 features."""
+    plans = json.loads((Path(cnn_models["env"]["nnUNet_preprocessed"]) / "Dataset501_HNC_CT" / "nnUNetPlans.json"
+                        ).read_text())["configurations"]
+    planned = plans["3d_fullres"]["architecture"]
+    for config in (CNN_BASE_CONFIG, CONFIG):
+        architecture = plans[config]["architecture"]
+        stages = planned["arch_kwargs"]["n_stages"]
+        assert architecture["arch_kwargs"]["features_per_stage"] == [min(24 * 2**k, 192) for k in range(stages)]
+        assert {k: v for k, v in architecture["arch_kwargs"].items() if k != "features_per_stage"} == \
+            {k: v for k, v in planned["arch_kwargs"].items() if k != "features_per_stage"}
+    first_conv = weights(cnn_models["base"])["encoder.stages.0.0.convs.0.conv.weight"]
+    assert first_conv.shape[:2] == (24, 1)
+
+
 # GTVp Dice on MDA's two labelled test cases, measured with the seeded session models (2 CPU cores, one thread a
-# training, 2026-12-07): CT base with CT 0.726, PEMMA on the U-Net with CT+PET 0.825. The floors leave 0.12 for
+# training, 2026-12-07): CT base with CT 0.746, PEMMA on the U-Net with CT+PET 0.771. The floors leave 0.12 for
 # another machine's float rounding; a model that predicts background everywhere scores 0.
-DICE_FLOORS = {("501", CNN_BASE_CONFIG, "nnUNetPresetTrainer", ("CT",)): 0.60,
-               ("502", CONFIG, "PEMMACNNTrainer", ("CT", "PET")): 0.70}
+DICE_FLOORS = {("501", CNN_BASE_CONFIG, "nnUNetPresetTrainer", ("CT",)): 0.62,
+               ("502", CONFIG, "PEMMACNNTrainer", ("CT", "PET")): 0.65}
 
 
 @pytest.mark.parametrize("model", sorted(DICE_FLOORS), ids=lambda m: f"{m[2]}-{'+'.join(m[3])}")

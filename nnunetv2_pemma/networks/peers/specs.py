@@ -39,14 +39,33 @@ def _to_json(spec: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class NNUNetSpec:
-    """nnU-Net's own U-Net, as planned for the inherited configuration."""
+    """nnU-Net's own U-Net, as planned for the inherited configuration; optionally narrower, with nnU-Net's own
+    width rule (stage k has min(base * 2**k, max) features; its planner's base is 32 and its maximum 320) at a
+    smaller base and maximum, for quick CPU runs."""
+
+    base_num_features: int | None = None
+    max_num_features: int | None = None
 
     architecture: ClassVar[str] = "nnUNet"
     network_class_name: ClassVar[str | None] = None  # nnU-Net's own U-Net of the inherited configuration
 
     @classmethod
     def parse(cls, model: Mapping[str, Any]) -> "NNUNetSpec":
-        return cls(**_fields(cls, model))
+        spec = cls(**_fields(cls, model))
+        if (spec.base_num_features is None) != (spec.max_num_features is None):
+            raise ValueError("nnU-Net's U-Net: base_num_features and max_num_features go together")
+        if spec.base_num_features is not None:
+            _positive_ints([spec.base_num_features, spec.max_num_features], "base_num_features and max_num_features")
+        return spec
+
+    def narrowed(self, planned: Mapping[str, Any]) -> dict[str, Any] | None:
+        """nnU-Net's planned "architecture" entry with this width, or None to keep the planned one."""
+        if self.base_num_features is None:
+            return None
+        kwargs = dict(planned["arch_kwargs"])
+        kwargs["features_per_stage"] = [min(self.base_num_features * 2**k, self.max_num_features)
+                                        for k in range(kwargs["n_stages"])]
+        return {**planned, "arch_kwargs": kwargs}
 
     def check_patch_size(self, patch_size: Sequence[int]) -> tuple[int, ...]:
         size = _positive_ints(list(patch_size), "the patch size")
@@ -55,7 +74,7 @@ class NNUNetSpec:
         return size
 
     def to_json(self) -> dict[str, Any]:
-        return _to_json(self)
+        return {k: v for k, v in _to_json(self).items() if v is not None}  # the planned width: as before
 
 
 @dataclass(frozen=True)
