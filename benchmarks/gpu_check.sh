@@ -135,7 +135,7 @@ prepare_data() {
     stage convert_ct 60 pemma convert-hecktor "$data" --dataset-id 501 --name CT --centers CHUM CHUP CHUS CHUV \
         --modalities CT &&
     # nnUNetv2_plan_and_preprocess hands nnUNet_n_proc_DA to torch.set_num_threads, which rejects 0
-    stage plan_ct 180 env -u nnUNet_n_proc_DA nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres -np "$NP" &&
+    stage plan_ct 180 env -u nnUNet_n_proc_DA nnUNetv2_plan_and_preprocess -d 501 -c 3d_fullres -np "$NP" -npfp "$NP" &&
     stage plans_add 60 pemma plans add 501 --preset "$SHORT" --np "$NP" &&
     stage convert_ctpet 60 pemma convert-hecktor "$data" --dataset-id 502 --name CTPET --centers MDA \
         --modalities CT PET &&

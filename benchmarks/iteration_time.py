@@ -47,7 +47,7 @@ def prepare(root: Path, presets: dict[str, dict]) -> dict[str, str]:
     run(["pemma", "phantom", str(root / "hecktor"), "--cases-per-center", "8"], env)
     run(["pemma", "convert-hecktor", str(root / "hecktor"), "--dataset-id", "701", "--name", "CT", "--centers",
          "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
-    run(["nnUNetv2_plan_and_preprocess", "-d", "701", "-c", "3d_fullres", "-np", "1"], env)
+    run(["nnUNetv2_plan_and_preprocess", "-d", "701", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     for name, preset in presets.items():
         path = root / f"{name}.json"
         path.write_text(json.dumps(preset))

@@ -114,7 +114,7 @@ class Bench:
                 (502, "HNC_CTPET_MDA", ["MDA"], ["CT", "PET"]), (503, "HNC_CT_HGJ", ["HGJ"], ["CT"])):
             self.cmd("pemma", "convert-hecktor", str(data), "--dataset-id", str(number), "--name", name,
                      "--centers", *centres, "--modalities", *modalities)
-        self.cmd("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2")
+        self.cmd("nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "-np", "2", "-npfp", "2")
         for p in (self.base_preset, self.adapt_preset):
             self.cmd("pemma", "plans", "add", "501", "--preset", str(p))
             for target in ("502", "503"):

@@ -150,7 +150,7 @@ def prepare(root: Path, preset_name: str, peers: tuple[str, ...] | list[str] = P
     _run(["pemma", "phantom", str(phantom), "--cases-per-center", "1"], log)
     _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CT_ID), "--name", "BenchCT", "--centers",
           "CHUM", "--modalities", "CT"], log)
-    _run(["nnUNetv2_plan_and_preprocess", "-d", str(CT_ID), "-c", "3d_fullres", "-np", "1"], log)
+    _run(["nnUNetv2_plan_and_preprocess", "-d", str(CT_ID), "-c", "3d_fullres", "-np", "1", "-npfp", "1"], log)
     _run(["pemma", "plans", "add", str(CT_ID), "--preset", preset_name], log)
     _run(["pemma", "convert-hecktor", str(phantom), "--dataset-id", str(CTPET_ID), "--name", "BenchCTPET",
           "--centers", "MDA", "--modalities", "CT", "PET"], log)

@@ -232,7 +232,7 @@ def _build_workflow(root: Path) -> dict:
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "501", "--name", "HNC_CT",
             "--centers", "CHUM", "CHUP", "CHUS", "CHUV", "--modalities", "CT"], env)
     run_ok(["nnUNetv2_plan_and_preprocess", "-d", "501", "-c", "3d_fullres", "--verify_dataset_integrity",
-            "-np", "1"], env)
+            "-np", "1", "-npfp", "1"], env)
     for preset in (*SHARED_PRESETS, CNN_BASE_PRESET):
         run_ok(["pemma", "plans", "add", "501", "--preset", preset], env)
     base_log = run_ok(["nnUNetv2_train", "501", CONFIG, "0", "-tr", "UNETRTrainer", "-device", "cpu"], env)

@@ -196,7 +196,7 @@ def test_nnunet_plan_and_preprocess_accepts_the_dataset(tmp_path: Path) -> None:
            "nnUNet_results": str(tmp_path / "results"), "nnUNet_def_n_proc": "1"}
     convert_hecktor(root, dataset_id=507, name="HNC_CT_PET", raw_root=tmp_path / "raw")
     done = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", "507",
-                           "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
+                           "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1", "-npfp", "1"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pp = tmp_path / "pp" / "Dataset507_HNC_CT_PET"

@@ -222,16 +222,23 @@ def _untrained_ct_model(env: dict[str, str], plans_name: str, path: Path) -> Pat
 
 
 def test_any_nnunet_ct_model_of_the_same_network_is_a_base(cnn_models: dict, tmp_path: Path) -> None:
-    """nnU-Net's own trainer on 3d_fullres and the adaptation's configuration (another patch and budget) share
-    network, spacing and CT normalisation."""
+    """nnU-Net's own trainer on 3d_fullres and a preset at nnU-Net's planned width (unet_demo: another patch and
+    budget) share network, spacing and CT normalisation; the tiny presets' narrower U-Net is another network."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunetv2_pemma.errors import CheckpointError
     from nnunetv2_pemma.training.checkpoints import check_unet_checkpoint
 
-    env = cnn_models["env"]
+    env = workspace_copy(cnn_models, tmp_path / "workspace")["env"]  # adds a configuration
+    run_ok(["pemma", "plans", "add", "501", "--preset", "unet_demo"], env)
+    run_ok(["pemma", "plans", "transfer", "501", "502", "--preset", "unet_demo", "--overwrite"], env)
     base = _untrained_ct_model(env, "nnUNetPlans", tmp_path / "base.pth")
     plans = json.loads((Path(env["nnUNet_preprocessed"]) / CTPET / "nnUNetPlans.json").read_text())
-    assert check_unet_checkpoint(base, plans, PlansManager(plans).get_configuration(CONFIG), expect="ct_base") == {}
+    demo = PlansManager(plans).get_configuration("3d_fullres_unet_demo")
+    assert check_unet_checkpoint(base, plans, demo, expect="ct_base") == {}
+    with pytest.raises(CheckpointError, match=r"features_per_stage \[32, 64, 128, 256\] \(checkpoint\) vs "
+                                              r"\[24, 48, 96, 192\] \(this configuration\)"):
+        check_unet_checkpoint(base, plans, PlansManager(plans).get_configuration(CONFIG), expect="ct_base")
 
 
 def test_a_base_of_another_plans_is_refused(cnn_models: dict, tmp_path: Path) -> None:

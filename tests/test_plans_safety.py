@@ -71,7 +71,7 @@ def test_all_zero_pets_warn_of_a_degenerate_pet_window(tmp_path: Path) -> None:
         zero = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(image)))
         zero.CopyInformation(image)
         sitk.WriteImage(zero, str(pet), useCompression=True)
-    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "604", "-c", "3d_fullres", "-np", "1"], env)
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "604", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     proc = run_ok(["pemma", "plans", "add", "604", "--preset", "tiny"], env)
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("pemma plans: warning: ")]
     assert warnings == ["pemma plans: warning: Dataset604_NoPET: degenerate PET window [0, 0] SUV with std 0 under "

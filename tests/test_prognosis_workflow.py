@@ -40,7 +40,7 @@ def prognosis(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--with-outcomes"], env)
     run_ok(["pemma", "convert-hecktor", str(data), "--dataset-id", "612", "--name", "ProgCTPET", "--with-outcomes"],
            env)
-    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "611", "-c", "3d_fullres", "-np", "1"], env)
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "611", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     run_ok(["pemma", "plans", "add", "611", "--preset", str(preset_file)], env)
     run_ok(["pemma", "plans", "transfer", "611", "612", "--preset", str(preset_file)], env)
 

@@ -78,7 +78,7 @@ def three_cases(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_ok(["pemma", "phantom", str(root / "hecktor"), "--cases-per-center", "3", "--seed", "5"], env)
     run_ok(["pemma", "convert-hecktor", str(root / "hecktor"), "--dataset-id", "511", "--name", "ThreeCases",
             "--centers", "CHUM", "--modalities", "CT"], env)
-    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "511", "-c", "3d_fullres", "-np", "1"], env)
+    run_ok(["nnUNetv2_plan_and_preprocess", "-d", "511", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
     run_ok(["pemma", "plans", "add", "511", "--preset", "tiny"], env)
     return {"env": env, "preprocessed": Path(env["nnUNet_preprocessed"]) / "Dataset511_ThreeCases"}
 

@@ -110,7 +110,7 @@ class PrognosisProtocol:
                 self.raw(dataset_id) / "dataset.json"))
         plan = self._add(Job(f"plan and preprocess {CT_DATASET}",
                              ["nnUNetv2_plan_and_preprocess", "-d", str(CT_DATASET), "-c", "3d_fullres",
-                              "--verify_dataset_integrity", "-np", "1"],
+                              "--verify_dataset_integrity", "-np", "1", "-npfp", "1"],
                              self.out / "nnUNet_preprocessed" / self.dataset_name(CT_DATASET)
                              / "nnUNetPlans_3d_fullres",
                              [converted[CT_DATASET]]))

@@ -145,7 +145,8 @@ class Protocol:
         pre = self.out / "nnUNet_preprocessed"
         c501 = self._convert(501, "HNC_CT_pretraining", PRETRAINING, ["CT"], [])
         plan = self._add(Job("plan and preprocess 501", ["nnUNetv2_plan_and_preprocess", "-d", "501", "-c",
-                                                         "3d_fullres", "--verify_dataset_integrity", "-np", "1"],
+                                                         "3d_fullres", "--verify_dataset_integrity", "-np", "1",
+                                                         "-npfp", "1"],
                              pre / self._names[501] / "nnUNetPlans_3d_fullres", [c501]))
         add_base = self._add(Job("plans add 501 base", ["pemma", "plans", "add", "501", "--preset", self.base_preset],
                                  success_marker(self.out / "logs", "plans add 501 base"), [plan]))
