@@ -28,9 +28,9 @@
 #
 # Time. Measured on 2 shared AMD EPYC cores under a concurrent test suite (load ~5), so upper bounds for the CPU
 # parts:
-#   - tiny preset, this script as tests/test_gpu_check.py runs it (2 speed_memory setups): 541 s; stage 1 194 s
-#     (data 188 s beside speed_memory's folders), trainings 127 and 130 s (10 steps ~37 s, validation of 2 cases
-#     ~47 s), predictions 18-28 s, speed_memory 32 s;
+#   - tiny preset, this script as tests/test_gpu_check.py runs it (2 speed_memory setups, the small phantom;
+#     2026-12-07): ~290 s; stage 1 121 s (data 107 s beside speed_memory's folders), trainings 32 and 19 s,
+#     predictions 25-28 s, speed_memory 39 s (the demo-size phantom took 541 s: validation of 2 cases ~47 s);
 #   - paper preset, the CPU-only stage 1: speed_memory's folders (all setups) 329 s (266 CPU s), this check's
 #     hecktor-size data 204 s (phantom 71, planning 64, plans transfer 48); mostly process start-up: importing
 #     torch and nnU-Net took 6.6 s a process here (~2-3 s on an idle core), ~25 processes;
