@@ -417,3 +417,23 @@ def test_outcomes_file_not_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(InputDataError) as e:
         dataset_outcomes("Dataset599_Nope")
     assert str(e.value) == f"no dataset Dataset599_Nope in nnUNet_raw ({tmp_path / 'Dataset599_Nope'} does not exist)"
+
+
+def test_prognosis_training_needs_a_case_with_an_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prognosis trainers' check (before nnU-Net writes anything): outcomes in which no case has a relapse-free
+    survival endpoint are refused in one line; one case with an endpoint is enough."""
+    from nnunetv2_pemma.trainers.prognosis.survival import training_outcomes
+
+    folder = tmp_path / "Dataset613_NoEndpoints"
+    folder.mkdir()
+    clinical_only = Outcomes(CLINICAL_FEATURES, {"CHUM-001": CaseOutcome("CHUM", None, None, None),
+                                                 "CHUP-001": CaseOutcome("CHUP", None, None, None)})
+    (folder / OUTCOMES_FILE).write_text(json.dumps(clinical_only.to_json()))
+    monkeypatch.setattr(nnunetv2.paths, "nnUNet_raw", str(tmp_path))
+    with pytest.raises(InputDataError) as e:
+        training_outcomes("Dataset613_NoEndpoints")
+    assert str(e.value) == ("no case of Dataset613_NoEndpoints has a relapse-free survival endpoint in its "
+                            "outcomes.json: prognosis trainers need HECKTOR's Task-2 cases")
+    one = Outcomes(CLINICAL_FEATURES, {**clinical_only.cases, "CHUS-001": CaseOutcome("CHUS", None, 0, 900.0)})
+    (folder / OUTCOMES_FILE).write_text(json.dumps(one.to_json()))
+    assert training_outcomes("Dataset613_NoEndpoints") == one
