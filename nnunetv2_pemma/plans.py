@@ -199,8 +199,11 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = "nn
                                      "batch_size": preset.batch_size,
                                      PEMMA_KEY: preset.block(tuple(modalities)).to_json()}
     architecture = _architecture_block(preset)
-    if architecture is None and isinstance(preset.model, NNUNetSpec):
-        architecture = preset.model.narrowed(plans["configurations"][parent]["architecture"])
+    if architecture is None and isinstance(preset.model, NNUNetSpec):  # the parent's entry, inherited or its own
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        planned = PlansManager(plans).get_configuration(parent).configuration["architecture"]
+        architecture = preset.model.narrowed(planned)
     if architecture is not None:
         configuration["architecture"] = architecture
     needs_preprocessing = "PET" in modalities

@@ -76,3 +76,22 @@ def test_all_zero_pets_warn_of_a_degenerate_pet_window(tmp_path: Path) -> None:
     warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("pemma plans: warning: ")]
     assert warnings == ["pemma plans: warning: Dataset604_NoPET: degenerate PET window [0, 0] SUV with std 0 under "
                         "the labels (are its PET images all zero?); PET will carry no signal"]
+
+
+def test_a_narrowed_unet_follows_its_parents_inherited_architecture(own_workflow: dict, tmp_path: Path) -> None:
+    """unet_tiny's width on a parent configuration that inherits its U-Net from 3d_fullres (nnU-Net's plans
+    inheritance, resolved by nnU-Net's PlansManager): the planned stages at base 24, max 192 features."""
+    env = own_workflow["env"]
+    plans_file = Path(env["nnUNet_preprocessed"]) / "Dataset501_HNC_CT" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_child"] = {"inherits_from": "3d_fullres"}
+    plans_file.write_text(json.dumps(plans))
+    preset = json.loads((Path(__file__).parents[1] / "plans" / "unet_tiny.json").read_text())
+    preset.update(inherits_from="3d_child", configuration="3d_child_unet_tiny")
+    (tmp_path / "child.json").write_text(json.dumps(preset))
+    run_ok(["pemma", "plans", "add", "501", "--preset", str(tmp_path / "child.json")], env)
+    planned = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    written = json.loads(plans_file.read_text())["configurations"]["3d_child_unet_tiny"]["architecture"]["arch_kwargs"]
+    assert written["features_per_stage"] == [min(24 * 2**k, 192) for k in range(planned["n_stages"])]
+    assert {k: v for k, v in written.items() if k != "features_per_stage"} == \
+        {k: v for k, v in planned.items() if k != "features_per_stage"}
