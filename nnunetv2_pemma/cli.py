@@ -163,7 +163,8 @@ def _add_job_graph_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labelled-test-cases-per-center", type=int, default=20,
                    help="phantom: labelled test cases per centre, in no split; every table scores them (default 20)")
     p.add_argument("--cpu-jobs", type=int, default=2,
-                   help="on CPU, trainings that run side by side, sharing the cores (default 2)")
+                   help="on CPU, trainings that run side by side, sharing the cores (default 2); each takes "
+                        "PEMMA_CPU_THREADS threads when it is set")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--gpus", nargs="+", default=None, metavar="ID",
                    help="run independent trainings in parallel, one per GPU id (sets CUDA_VISIBLE_DEVICES)")

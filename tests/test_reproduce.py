@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from nnunetv2_pemma.errors import PemmaError
+from nnunetv2_pemma.errors import PemmaError, PlansError
 from nnunetv2_pemma.experiments.protocol import Protocol
 from nnunetv2_pemma.experiments.scheduler import Job, Slot, cpu_slots, run_jobs
 from nnunetv2_pemma.experiments.table2 import (ADAPTATION, BEFORE, INFER, METHODS, columns_of, table2_markdown,
@@ -118,6 +118,18 @@ def test_cpu_slots_share_the_cores(tmp_path: Path) -> None:
         (tmp_path / n).unlink()
     run_jobs(jobs, {}, logs, [Slot(gpu="3")])
     assert {(tmp_path / f"{n}.env").read_text() for n in jobs} == {"|3"}
+
+
+def test_a_users_thread_count_wins_over_the_cores_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEMMA_CPU_THREADS, set by whoever runs reproduce beside other work, is each slot's thread count."""
+    monkeypatch.delenv("PEMMA_CPU_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert [s.cpu_threads for s in cpu_slots(1)] == [cores]
+    monkeypatch.setenv("PEMMA_CPU_THREADS", "1")
+    assert [s.cpu_threads for s in cpu_slots(1)] == [1] and [s.cpu_threads for s in cpu_slots(2)] == [1, 1]
+    monkeypatch.setenv("PEMMA_CPU_THREADS", "two")
+    with pytest.raises(PlansError, match="PEMMA_CPU_THREADS='two': expected a positive number of threads"):
+        cpu_slots(1)
 
 
 def test_failed_job_names_its_log(tmp_path: Path) -> None:
