@@ -68,6 +68,12 @@ def _pemma_in_process(args: list[str], env: dict[str, str]) -> subprocess.Comple
     return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
+# nnUNetv2_predict in its own process only (-npp 0 -nps 0): each of its worker processes imports torch and nnU-Net
+# again (a 1-case prediction took 8 CPU-s so, 15 with one worker each, 21 with the defaults). test_workflow's
+# prediction keeps nnU-Net's default workers, as a user types the command.
+IN_PROCESS_PREDICTION = ["-npp", "0", "-nps", "0"]
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run a console command of this venv (pemma, nnUNetv2_*) and capture its output."""
     if args[0] == "pemma" and len(args) > 1 and args[1] in IN_PROCESS:

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights, workspace_copy
+from conftest import CONFIG, IN_PROCESS_PREDICTION, checkpoint_of, run_cli, run_ok, weights, workspace_copy
 from nnunetv2_pemma.adaptation.methods import is_added
 from nnunetv2_pemma.adaptation.mixture import expert_parameter_key
 from nnunetv2_pemma.inference.predictor import _center_groups
@@ -128,7 +128,8 @@ def test_nnunet_predict_uses_the_unknown_centre_rule(workflow: dict, methods: di
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_0000.nii.gz")
     run_ok(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "503", "-c", CONFIG,
-            "-tr", "PEMMAMoAContinualTrainer", "-f", "0", "-device", "cpu", "--disable_tta"], env)
+            "-tr", "PEMMAMoAContinualTrainer", "-f", "0", "-device", "cpu", "--disable_tta", *IN_PROCESS_PREDICTION],
+           env)
     assert (tmp_path / "out" / f"{case}.nii.gz").is_file()
 
 

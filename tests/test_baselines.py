@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import CONFIG, checkpoint_of, run_cli, run_ok, weights, workspace_copy
+from conftest import CONFIG, IN_PROCESS_PREDICTION, checkpoint_of, run_cli, run_ok, weights, workspace_copy
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_late_fusion_averages_a_ct_and_a_pet_model(own_workflow: dict, tmp_path:
         (tmp_path / f"in_{model}" / f"{case}_0000.nii.gz").symlink_to(images / f"{case}_{channel:04d}.nii.gz")
         run_ok(["nnUNetv2_predict", "-i", str(tmp_path / f"in_{model}"), "-o", str(tmp_path / f"alone_{model}"),
                 "-d", model, "-c", CONFIG, "-tr", "UNETRTrainer", "-f", "0", "-device", "cpu", "--disable_tta",
-                "--save_probabilities", "-npp", "1", "-nps", "1"], env)
+                "--save_probabilities", *IN_PROCESS_PREDICTION], env)
         alone[model] = sitk.ReadImage(str(tmp_path / f"alone_{model}" / f"{case}.nii.gz"))
     run_ok(["nnUNetv2_ensemble", "-i", str(tmp_path / "alone_501"), str(tmp_path / "alone_505"), "-o",
             str(tmp_path / "ensemble"), "-np", "1"], env)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import first_case_inputs, run_cli, run_ok
+from conftest import IN_PROCESS_PREDICTION, first_case_inputs, run_cli, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_3d_peers_predict_with_nnunetv2_predict(peers: dict, tmp_path: Path, pre
     env = peers["env"]
     case = _inputs(env, tmp_path / "in", ["CT", "PET"])
     run_ok(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", config,
-            "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+            "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *IN_PROCESS_PREDICTION], env)
     assert _labels(tmp_path / "out" / f"{case}.nii.gz") <= {0, 1, 2}
     validation = _checkpoint(env, trainer, config).parent / "validation" / "summary.json"
     assert validation.is_file()  # nnU-Net's own final validation ran
@@ -151,7 +151,7 @@ def test_compare_writes_the_peer_table_of_the_models_it_trained(peers: dict, tmp
         (tmp_path / "in" / image.name).symlink_to(image)
     config, trainer = PEERS["h2aseg_tiny"]
     run_ok(["nnUNetv2_predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "502", "-c", config,
-            "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], peers["env"])
+            "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *IN_PROCESS_PREDICTION], peers["env"])
     run_ok(["pemma", "evaluate", "--pred", str(tmp_path / "out"), "--gt", str(raw / "labelsTs"), "--json",
             str(tmp_path / "scores.json")], peers["env"])
     mean = json.loads((tmp_path / "scores.json").read_text())["mean"]

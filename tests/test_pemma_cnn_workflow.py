@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import (CNN_BASE_CONFIG, CNN_CONFIG, CT_HGJ, CTPET_MDA, cnn_checkpoint, first_case_inputs, run_cli,
-                      run_ok, weights, workspace_copy)
+from conftest import (CNN_BASE_CONFIG, CNN_CONFIG, CT_HGJ, CTPET_MDA, IN_PROCESS_PREDICTION, cnn_checkpoint,
+                      first_case_inputs, run_cli, run_ok, weights, workspace_copy)
 from nnunetv2_pemma.adaptation.methods import added_by, is_added
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def _nnunet_predicted(env: dict[str, str], dataset: str, config: str, trainer: s
     """nnU-Net's own prediction command (its predictor, preprocessing and export; none of this package's inference
     code) on every case of `inputs`."""
     run_ok(["nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", dataset, "-c", config, "-tr", trainer,
-            "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+            "-f", "0", "-device", "cpu", "--disable_tta", *IN_PROCESS_PREDICTION], env)
     return out
 
 

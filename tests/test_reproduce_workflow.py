@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_ok
+from conftest import IN_PROCESS_PREDICTION, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_table_2_cells_are_the_scores_of_the_trained_models(reproduction: dict, 
         for i, c in enumerate(channels):
             (inputs / f"{case}_{i:04d}.nii.gz").symlink_to(raw / "imagesTs" / f"{case}_{c:04d}.nii.gz")
     run_ok(["nnUNetv2_predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", dataset[7:10], "-c",
-            "3d_unetr_tiny", "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
+            "3d_unetr_tiny", "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", *IN_PROCESS_PREDICTION],
            env)
     run_ok(["pemma", "evaluate", "--pred", str(tmp_path / "out"), "--gt", str(raw / "labelsTs"), "--json",
             str(tmp_path / "scores.json")], env)
