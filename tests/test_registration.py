@@ -280,14 +280,19 @@ def test_check_alignment_bad_input(tmp_path: Path) -> None:
 
 
 def test_registrations_in_two_processes_give_the_same_dataset(phantoms: dict[str, Path], tmp_path: Path) -> None:
-    report = convert_hecktor(phantoms["misaligned"], 620, "Parallel", raw_root=tmp_path / "raw", register="rigid",
-                             workers=2)
-    serial, parallel = records(phantoms["misaligned_rigid"]), records(report.dataset_dir)
-    assert serial.keys() == parallel.keys()
+    """Three centres of different scanner geometry (the serial run registered all seven): one worker takes two."""
+    centers = ["CHUM", "HGJ", "MDA"]
+    report = convert_hecktor(phantoms["misaligned"], 620, "Parallel", centers=centers, raw_root=tmp_path / "raw",
+                             register="rigid", workers=2)
+    serial = {c: r for c, r in records(phantoms["misaligned_rigid"]).items() if c.split("-")[0] in centers}
+    parallel = records(report.dataset_dir)
+    assert serial.keys() == parallel.keys() and len(serial) == 3
     for case_id, record in serial.items():
         mine = {**parallel[case_id], "registration": {**parallel[case_id]["registration"], "seconds": None}}
         assert mine == {**record, "registration": {**record["registration"], "seconds": None}}, case_id
-    for image in sorted((phantoms["misaligned_rigid"] / "imagesTr").iterdir()):
+    written = sorted((report.dataset_dir / "imagesTr").iterdir())
+    assert len(written) == 6  # CT and PET of each case
+    for image in (phantoms["misaligned_rigid"] / "imagesTr" / w.name for w in written):
         expected = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
         assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(report.dataset_dir / "imagesTr" /
                                                                          image.name))), expected), image.name
