@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from nnunetv2_pemma.environment import trainer_folder  # noqa: E402
+from warm_commands import WarmCommands  # noqa: E402
 from nnunetv2_pemma.training.seeding import SEED_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,8 @@ def nnunet_environment(root: Path) -> dict[str, str]:
 
 # `pemma` commands run through the CLI's main in the test process: the same code as the console script (which calls
 # main), without a fresh interpreter importing torch and nnU-Net (~7 s a call on 2 cores). Commands that start
-# their own jobs or handle signals (conversion, reproduce, demo, compare) and every nnU-Net command get a process.
+# their own jobs or handle signals (conversion, reproduce, demo, compare) get a process; nnU-Net's commands get one
+# forked from a process that has imported them (warm_commands.py), when tests run side by side.
 IN_PROCESS = {"predict", "predict-risk", "predict-late-fusion", "apply-adapter", "plans", "evaluate",
               "evaluate-survival", "parameters", "env", "phantom", "check-alignment"}
 
@@ -74,6 +76,9 @@ def _pemma_in_process(args: list[str], env: dict[str, str]) -> subprocess.Comple
 IN_PROCESS_PREDICTION = ["-npp", "0", "-nps", "0"]
 
 
+WARM_COMMANDS = WarmCommands(enabled=WORKERS > 1)  # commands with one thread each (nnunet_environment)
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
     """Run a console command of this venv (pemma, nnUNetv2_*) and capture its output."""
     if args[0] == "pemma" and len(args) > 1 and args[1] in IN_PROCESS:
@@ -81,9 +86,7 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subp
     if args[0] == "nnUNetv2_plan_and_preprocess":
         # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
         env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
-    exe = BIN / args[0]
-    cmd = [str(exe), *args[1:]] if exe.exists() else args
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return WARM_COMMANDS.run(args, env, timeout)  # nnU-Net's commands forked from a warm process, others plain
 
 
 def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
