@@ -40,6 +40,23 @@ def test_output_and_exit_code_are_the_plain_commands(warm: WarmCommands, tmp_pat
     assert ours.returncode != 0 or argv[-1] == "-h"
 
 
+def test_the_working_directory_does_not_shadow_installed_packages(warm: WarmCommands, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started in a folder that holds a package of the same name (a source checkout), the command imports the
+    installed one, as its console script does: here the trainer search imports this package's trainers."""
+    from nnunetv2_pemma.environment import trainer_folder
+
+    shadow = tmp_path / "checkout"
+    (shadow / "nnunetv2_pemma").mkdir(parents=True)
+    (shadow / "nnunetv2_pemma" / "__init__.py").write_text("raise ImportError('the checkout, not the install')\n")
+    monkeypatch.chdir(shadow)
+    env = {**environment(tmp_path), "nnUNet_extTrainer": str(trainer_folder())}
+    argv = ["nnUNetv2_train", "999", "3d_fullres", "0", "-tr", "PEMMATrainer", "-device", "cpu"]
+    ours, theirs = warm.run(argv, env, 300), _plain(argv, env, 300)
+    assert "the checkout" not in ours.stderr
+    assert (ours.returncode, ours.stderr.splitlines()[-1:]) == (theirs.returncode, theirs.stderr.splitlines()[-1:])
+
+
 def test_a_command_past_its_timeout_is_killed(warm: WarmCommands, tmp_path: Path) -> None:
     env = environment(tmp_path)
     dataset = tmp_path / "raw" / "Dataset999_Blocked"

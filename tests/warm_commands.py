@@ -36,6 +36,9 @@ ENTRY_POINTS = {  # as the console scripts of nnunetv2's setup import them
 SERVER = r"""
 import importlib, json, os, sys, traceback, types
 
+# the console script's import path: its own folder first, not the working directory (`-c` puts "" there, which a
+# command started in a source checkout would resolve to the checkout instead of the installed package)
+sys.path[0] = os.path.dirname(sys.executable)
 entries = {name: getattr(importlib.import_module(module), function)
            for name, (module, function) in json.loads(sys.argv[1]).items()}
 requests, replies = sys.stdin.buffer, sys.stdout.buffer
