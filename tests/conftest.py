@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
 from nnunetv2_pemma.environment import trainer_folder  # noqa: E402
-from warm_commands import WarmCommands  # noqa: E402
 from nnunetv2_pemma.training.seeding import SEED_ENV  # noqa: E402
+from warm_commands import WarmCommands  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -207,6 +207,15 @@ def test_negative_seed_is_a_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bad_thread_count_is_a_one_line_error_before_anything_is_written(tmp_path: Path) -> None:
+    proc = run_cli(["pemma", "reproduce", "--phantom", "--scope", "demo", "--out", str(tmp_path / "run")],
+                   {**os.environ, "PEMMA_CPU_THREADS": "0"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("PEMMA_CPU_THREADS='0': expected a positive number of "
+                                                         "threads")
+    assert not (tmp_path / "run").exists()
+
+
 def test_scoring_inputs_link_once_and_only_the_channels_a_dataset_has(tmp_path: Path) -> None:
     """A resumed run links again over the links it left; the CT base's CT-only dataset gets C inputs only (a CP
     folder would hold links to PET files that do not exist, and a resumed run stopped on them)."""

@@ -47,6 +47,7 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
     protocol and the timings of this run."""
     if seed < 0:
         raise PemmaError(f"--seed must be a non-negative integer, got {seed}")
+    slots = [Slot(gpu=g) for g in gpus] if gpus else cpu_slots(cpu_jobs) if device == "cpu" else [Slot()]
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**nnunet_environment(out, device), SEED_ENV: str(seed)}
@@ -57,7 +58,6 @@ def run_job_graph(out: Path, build: Callable[[Path], P], hecktor: Path | None, p
                                     "--labelled-test-cases-per-center", str(test_cases), "--size", phantom_size,
                                     "--seed", str(seed)], hecktor / "imagesTr"), env, logs)
     protocol = build(hecktor.resolve())
-    slots = [Slot(gpu=g) for g in gpus] if gpus else cpu_slots(cpu_jobs) if device == "cpu" else [Slot()]
     timings = run_jobs(protocol.jobs, env, logs, slots)
     previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     (out / "timings.json").write_text(json.dumps({**previous, **timings}, indent=2))
