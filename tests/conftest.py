@@ -79,18 +79,24 @@ IN_PROCESS_PREDICTION = ["-npp", "0", "-nps", "0"]
 WARM_COMMANDS = WarmCommands(enabled=WORKERS > 1)  # commands with one thread each (nnunet_environment)
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
-    """Run a console command of this venv (pemma, nnUNetv2_*) and capture its output."""
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 1200,
+            warm_children: bool = False) -> subprocess.CompletedProcess:
+    """Run a console command of this venv (pemma, nnUNetv2_*) or `python SCRIPT` and capture its output.
+    `warm_children`: the nnU-Net and pemma commands that the process starts itself are forked from the warm
+    process too (`pemma reproduce`, the benchmarks)."""
     if args[0] == "pemma" and len(args) > 1 and args[1] in IN_PROCESS:
         return _pemma_in_process(args, env)
     if args[0] == "nnUNetv2_plan_and_preprocess":
         # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
         env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
+    if warm_children:
+        args, env = WARM_COMMANDS.with_warm_children(args, env)
     return WARM_COMMANDS.run(args, env, timeout)  # nnU-Net's commands forked from a warm process, others plain
 
 
-def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200) -> subprocess.CompletedProcess:
-    proc = run_cli(args, env, timeout)
+def run_ok(args: list[str], env: dict[str, str], timeout: float = 1200,
+           warm_children: bool = False) -> subprocess.CompletedProcess:
+    proc = run_cli(args, env, timeout, warm_children)
     assert proc.returncode == 0, (f"{' '.join(args)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-5000:]}"
                                   f"\n--- stderr ---\n{proc.stderr[-5000:]}")
     return proc
@@ -316,8 +322,8 @@ def _build_reproduction(root: Path) -> dict:
     env = nnunet_environment(root)  # the nnU-Net folders the commands make under --out
     common = ["--phantom", "--preset", "tiny", "--out", str(root), "--cases-per-center", "5",
               "--labelled-test-cases-per-center", "2", "--cpu-jobs", str(1 if WORKERS > 1 else 2)]
-    reproduce = run_ok(["pemma", "reproduce", "--scope", "demo", *common], env, timeout=2400)
-    compare = run_ok(["pemma", "compare", *common], env, timeout=2400)
+    reproduce = run_ok(["pemma", "reproduce", "--scope", "demo", *common], env, timeout=2400, warm_children=True)
+    compare = run_ok(["pemma", "compare", *common], env, timeout=2400, warm_children=True)
     return {"reproduce_stdout": reproduce.stdout, "compare_stdout": compare.stdout}
 
 

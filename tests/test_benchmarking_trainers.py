@@ -32,7 +32,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = run_ok(["python", str(REPO / "benchmarks" / "speed_memory.py"), "--preset", "tiny", "--device", "cpu",
                    "--steps", "2", "--warmup", "0", "--cases", "1", "--no-memory", "--workspace", str(root),
                    "--setups", *SETUPS,
-                   "--json", str(root / "out.json"), "--markdown", str(root / "out.md")], env)
+                   "--json", str(root / "out.json"), "--markdown", str(root / "out.md")], env, warm_children=True)
     return {"root": root, "stdout": proc.stdout, "workspace": json.loads((root / "workspace.json").read_text())}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import run_ok
+from conftest import run_cli, run_ok
 from hecktor_fixtures import make_ct, write_hecktor_2021, write_hecktor_2022
 from nnunetv2_pemma.data.centers import LABELS_2021, LABELS_2022
 from nnunetv2_pemma.data.geometry import load_crop_records
@@ -195,9 +195,8 @@ def test_nnunet_plan_and_preprocess_accepts_the_dataset(tmp_path: Path) -> None:
     env = {**os.environ, "nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pp"),
            "nnUNet_results": str(tmp_path / "results"), "nnUNet_def_n_proc": "1"}
     convert_hecktor(root, dataset_id=507, name="HNC_CT_PET", raw_root=tmp_path / "raw")
-    done = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", "507",
-                           "-c", "3d_fullres", "--verify_dataset_integrity", "-np", "1", "-npfp", "1"],
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = run_cli(["nnUNetv2_plan_and_preprocess", "-d", "507", "-c", "3d_fullres", "--verify_dataset_integrity",
+                    "-np", "1", "-npfp", "1"], env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     pp = tmp_path / "pp" / "Dataset507_HNC_CT_PET"
     plans = json.loads((pp / "nnUNetPlans.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import nnunet_environment
+from conftest import WARM_COMMANDS, nnunet_environment
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -32,8 +32,9 @@ def script_environment(root: Path) -> dict[str, str]:
 
 
 def run_script(args: list[str], root: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), *args], env=script_environment(root), cwd=root, capture_output=True,
-                          text=True, timeout=timeout)
+    """The script with its nnU-Net and pemma commands forked from the suite's warm process (conftest)."""
+    argv, env = WARM_COMMANDS.with_warm_children(["bash", str(SCRIPT), *args], script_environment(root))
+    return subprocess.run(argv, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
