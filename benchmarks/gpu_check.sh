@@ -109,6 +109,9 @@ eval "$(pemma env --root "$OUT/nnUNet_data")"
 export nnUNet_compile=false PYTHONUNBUFFERED=1
 [[ $DEVICE == cuda ]] || export nnUNet_def_n_proc=1 nnUNet_n_proc_DA=0
 NP=$([[ $DEVICE == cuda ]] && echo 4 || echo 1)  # preprocessing processes
+# the predictions' preprocessing and export workers: none on CPU, where each would import torch and nnU-Net again
+# (~6 s) to handle one case
+NPRED=$([[ $DEVICE == cuda ]] && echo 1 || echo 0)
 SIZE=$([[ $PRESET == paper ]] && echo hecktor || echo small)
 data=$OUT/phantom raw=$nnUNet_raw results=$nnUNet_results
 
@@ -159,10 +162,10 @@ if $data_ok &&
         -pretrained_weights "$base" &&
     inputs "$OUT/inputs/ctpet" 0 1 && inputs "$OUT/inputs/ct" 0 && inputs "$OUT/inputs/pet" 1; then
     stage predict_ctpet 90 nnUNetv2_predict -i "$OUT/inputs/ctpet" -o "$OUT/predictions/ctpet" "${predict[@]}" \
-        -npp 1 -nps 1 || ok=false
-    stage predict_ct 90 pemma predict -i "$OUT/inputs/ct" -o "$OUT/predictions/ct" "${predict[@]}" -np 1 \
+        -npp "$NPRED" -nps "$NPRED" || ok=false
+    stage predict_ct 90 pemma predict -i "$OUT/inputs/ct" -o "$OUT/predictions/ct" "${predict[@]}" -np "$NPRED" \
         --modalities CT || ok=false
-    stage predict_pet 90 pemma predict -i "$OUT/inputs/pet" -o "$OUT/predictions/pet" "${predict[@]}" -np 1 \
+    stage predict_pet 90 pemma predict -i "$OUT/inputs/pet" -o "$OUT/predictions/pet" "${predict[@]}" -np "$NPRED" \
         --modalities PET || ok=false
 else ok=false; fi
 

@@ -45,8 +45,8 @@ def nnunet_environment(root: Path) -> dict[str, str]:
 
 # `pemma` commands run through the CLI's main in the test process: the same code as the console script (which calls
 # main), without a fresh interpreter importing torch and nnU-Net (~7 s a call on 2 cores). Commands that start
-# their own jobs or handle signals (conversion, reproduce, demo, compare) get a process; nnU-Net's commands get one
-# forked from a process that has imported them (warm_commands.py), when tests run side by side.
+# their own jobs or handle signals (conversion, reproduce, demo, compare) get a process, as nnU-Net's commands do:
+# one forked from a process that has imported them (warm_commands.py) when tests run side by side.
 IN_PROCESS = {"predict", "predict-risk", "predict-late-fusion", "apply-adapter", "plans", "evaluate",
               "evaluate-survival", "parameters", "env", "phantom", "check-alignment"}
 

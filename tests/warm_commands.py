@@ -1,7 +1,7 @@
-"""nnU-Net's console commands in processes forked from one that has imported them already.
+"""nnU-Net's and this package's console commands in processes forked from one that has imported them already.
 
 An nnU-Net command spends about 6 s importing torch and nnU-Net before it reads its arguments (2 cores,
-2026-12-07), and the suite runs nearly a hundred of them. Each pytest worker starts one server process that imports
+2026-12-07), and the suite runs nearly a hundred of them (`pemma`'s, which import lazily, 1-6 s). Each pytest worker starts one server process that imports
 the commands' modules once; every command then runs in a child forked from it. The child is the command as its
 console script runs it: its `__main__` holds the entry point, which is how this package's trainers recognise
 `nnUNetv2_train` (`trainers.common.run_by_nnunetv2_train`), with the command's arguments, environment and working
@@ -33,18 +33,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-ENTRY_POINTS = {  # as the console scripts of nnunetv2's setup import them
+ENTRY_POINTS = {  # as the console scripts of nnunetv2's and this package's setup import them
     "nnUNetv2_train": ("nnunetv2.run.run_training", "run_training_entry"),
     "nnUNetv2_predict": ("nnunetv2.inference.predict_from_raw_data", "predict_entry_point"),
     "nnUNetv2_plan_and_preprocess": ("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                                      "plan_and_preprocess_entry"),
     "nnUNetv2_plan_experiment": ("nnunetv2.experiment_planning.plan_and_preprocess_entrypoints",
                                  "plan_experiment_entry"),
+    "pemma": ("nnunetv2_pemma.cli", "main"),
 }
-
-NESTED_ENTRY_POINTS = {**ENTRY_POINTS, "pemma": ("nnunetv2_pemma.cli", "main")}
-"""The commands that processes started by a test (`pemma reproduce`, benchmark scripts, gpu_check.sh) find in the warm
-venv's bin folder (`WarmCommands.python`): small clients that have the server fork them."""
 PRELOAD = ("nnunetv2_pemma.plans", "nnunetv2_pemma.data.hecktor", "nnunetv2_pemma.data.phantom")
 """What `pemma`'s subcommands import when they run (they import lazily): imported once in the server."""
 
@@ -196,8 +193,8 @@ sys.exit(code)
 
 
 class WarmCommands:
-    """The server of one pytest worker; `run` is subprocess.run for the commands of ENTRY_POINTS, and `venv` a
-    folder whose `bin/python` starts processes that find NESTED_ENTRY_POINTS forked from the server.
+    """The server of one pytest worker; `run` is subprocess.run for the commands of ENTRY_POINTS, and
+    `python` the interpreter of a venv whose processes find those commands forked from the server too.
 
     For one-thread commands only (OMP_NUM_THREADS=1, as the suite runs them beside another worker): OpenBLAS
     starts its thread pool when numpy is imported, sized by that variable, and a process with a second thread
@@ -212,7 +209,7 @@ class WarmCommands:
         if self._server is None and not self._failed:
             self._folder = Path(tempfile.mkdtemp(prefix="pemma-warm-"))
             atexit.register(shutil.rmtree, self._folder, True)
-            spec = {"entry_points": NESTED_ENTRY_POINTS, "preload": PRELOAD, "socket": str(self._folder / "socket")}
+            spec = {"entry_points": ENTRY_POINTS, "preload": PRELOAD, "socket": str(self._folder / "socket")}
             self._server = subprocess.Popen([sys.executable, "-c", SERVER, json.dumps(spec)],
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tempfile.gettempdir(),
                                             env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -238,7 +235,7 @@ class WarmCommands:
             if (Path(sys.prefix) / folder).exists():
                 (venv / folder).symlink_to(Path(sys.prefix) / folder)
         (venv / "bin" / "python").symlink_to(sys.executable)
-        for name in NESTED_ENTRY_POINTS:
+        for name in ENTRY_POINTS:
             client = venv / "bin" / name
             client.write_text(CLIENT.format(python=sys.executable, name=name, real=str(Path(sys.executable).parent
                                                                                         / name),
