@@ -1,8 +1,9 @@
 """nnU-Net's and this package's console commands in processes forked from one that has imported them already.
 
 An nnU-Net command spends about 6 s importing torch and nnU-Net before it reads its arguments (2 cores,
-2026-12-07), and the suite runs nearly a hundred of them (`pemma`'s, which import lazily, 1-6 s). Each pytest worker starts one server process that imports
-the commands' modules once; every command then runs in a child forked from it. The child is the command as its
+2026-12-07), and the suite runs nearly a hundred of them (`pemma`'s, which import lazily, 1-6 s). Each pytest
+worker starts one server process that imports the commands' modules once; every command then runs in a child
+forked from it. The child is the command as its
 console script runs it: its `__main__` holds the entry point, which is how this package's trainers recognise
 `nnUNetv2_train` (`trainers.common.run_by_nnunetv2_train`), with the command's arguments, environment and working
 directory, its stdout and stderr in files, and its exit code or signal as a process's. Nothing of nnU-Net is
