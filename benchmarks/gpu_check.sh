@@ -31,6 +31,9 @@
 #   - tiny preset, this script as tests/test_gpu_check.py runs it (2 speed_memory setups, the small phantom;
 #     2026-12-07): ~290 s; stage 1 121 s (data 107 s beside speed_memory's folders), trainings 32 and 19 s,
 #     predictions 25-28 s, speed_memory 39 s (the demo-size phantom took 541 s: validation of 2 cases ~47 s);
+#     2026-12-08, the commands forked from the test suite's warm process (no imports) and the CPU predictions
+#     without worker processes, on an idle machine: ~85 s; stage 1 37 s, trainings 8 s each, predictions 2.4-3.2 s,
+#     speed_memory 27 s;
 #   - paper preset, the CPU-only stage 1: speed_memory's folders (all setups) 329 s (266 CPU s), this check's
 #     hecktor-size data 204 s (phantom 71, planning 64, plans transfer 48); mostly process start-up: importing
 #     torch and nnU-Net took 6.6 s a process here (~2-3 s on an idle core), ~25 processes;
