@@ -285,8 +285,8 @@ def cnn_models(workflow: dict, tmp_path_factory: pytest.TempPathFactory) -> dict
     """The CNN forms on the workflow's datasets (unet_tiny preset): a CT base of nnU-Net's U-Net
     (nnUNetPresetTrainer on 501's CT, unet_tiny_base) -> PEMMACNNTrainer on MDA CT+PET (502) ->
     PEMMACNNContinualTrainer on HGJ CT (503); nnUNetChannelDropoutTrainer from scratch and EarlyFusionCNNTrainer
-    from the base on 502. Used by the CNN tests and the peer table's rows. Trained once into a copy of the workflow (which it holds too), read-only
-    to tests."""
+    from the base on 502. Used by the CNN tests and the peer table's rows. Trained once into a copy of the workflow
+    (which it holds too), read-only to tests."""
     return {**built_once(tmp_path_factory, "cnn_models", lambda root: _build_cnn_models(workflow, root)),
             "unetr_base": workflow["base"]}
 

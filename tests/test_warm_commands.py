@@ -1,9 +1,8 @@
 """The suite's warm runner of nnU-Net's commands (warm_commands.py) against the same commands run as plain processes:
 the same output and exit code, and a command past its timeout killed with the server still serving; likewise the
 commands that processes of its warm venv start (`pemma reproduce`'s jobs), which a signal ends and which run plain
-when the server is gone. (That this
-package's trainers see nnUNetv2_train in the forked child is what test_trainer_errors and every other one-line
-refusal under nnUNetv2_train check when tests run side by side.)"""
+when the server is gone. (That this package's trainers see nnUNetv2_train in the forked child is what
+test_trainer_errors and every other one-line refusal under nnUNetv2_train check when tests run side by side.)"""
 
 from __future__ import annotations
 

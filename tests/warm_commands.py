@@ -3,10 +3,10 @@
 An nnU-Net command spends about 6 s importing torch and nnU-Net before it reads its arguments (2 cores,
 2026-12-07), and the suite runs nearly a hundred of them (`pemma`'s, which import lazily, 1-6 s). Each pytest
 worker starts one server process that imports the commands' modules once; every command then runs in a child
-forked from it. The child is the command as its
-console script runs it: its `__main__` holds the entry point, which is how this package's trainers recognise
-`nnUNetv2_train` (`trainers.common.run_by_nnunetv2_train`), with the command's arguments, environment and working
-directory, its stdout and stderr in files, and its exit code or signal as a process's. Nothing of nnU-Net is
+forked from it. The child is the command as its console script runs it: its `__main__` holds the entry point,
+which is how this package's trainers recognise `nnUNetv2_train` (`trainers.common.run_by_nnunetv2_train`), with the
+command's arguments, environment and working directory, its stdout and stderr in files, and its exit code or
+signal as a process's. Nothing of nnU-Net is
 replaced: the same functions run on the same arguments. The child ends as the interpreter would (non-daemon
 threads joined, exit handlers run, output flushed) but without freeing every object, which would copy the server's
 memory page by page (1.4 s of a 1.5 s `nnUNetv2_predict -h`).
@@ -237,9 +237,9 @@ class WarmCommands:
                 (venv / folder).symlink_to(Path(sys.prefix) / folder)
         (venv / "bin" / "python").symlink_to(sys.executable)
         for name in ENTRY_POINTS:
+            real = Path(sys.executable).parent / name
             client = venv / "bin" / name
-            client.write_text(CLIENT.format(python=sys.executable, name=name, real=str(Path(sys.executable).parent
-                                                                                        / name),
+            client.write_text(CLIENT.format(python=sys.executable, name=name, real=str(real),
                                             socket=str(self._folder / "socket")))
             client.chmod(0o755)
 
